@@ -1,0 +1,20 @@
+# Two commands do all set-up on a fresh machine:  `make search` (the digits default) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install search test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade 'pip>=23' 'setuptools<81'
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+search: install
+	$(VENV)/bin/python examples/digits_search.py
+
+test: install
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,7 @@
+"""nni-idarts: differentiable architecture search with stochastic implicit gradients (iDARTS) for NNI 3.0."""
+
+from .module import IDartsLightningModule, NonFiniteHypergradientError
+from .strategy import IDartsStrategy
+
+__all__ = ['IDartsStrategy', 'IDartsLightningModule', 'NonFiniteHypergradientError']
+__version__ = '0.1.0'

@@ -1,0 +1,180 @@
+"""Architecture gradients (hypergradients) of the DARTS bilevel problem, as pure functions.
+
+The bilevel problem is ``min_a L_val(w*(a), a)`` with ``w*(a) = argmin_w L_train(w, a)``. Every function here
+takes zero-argument callables ``train_loss()`` and ``val_loss()`` returning scalar tensors that depend on the
+tensors in ``weights`` (w) and ``alphas`` (a), and returns a tuple of tensors shaped like ``alphas``.
+
+Notation: ``g_a = grad_a L_val``, ``v = grad_w L_val``, ``H = d2_w L_train`` (the weight Hessian) and
+``M = d2_{a,w} L_train`` (the mixed second derivative, an |a| x |w| matrix).
+
+- :func:`first_order`:  ``g_a``                                              (DARTS, 1st order)
+- :func:`unrolled`:     ``grad_a L_val(w', a) - lr * M(w) . grad_w' L_val(w', a)``,
+                        ``w' = w - lr * grad_w L_train(w, a)``                (DARTS, 2nd order)
+- :func:`neumann`:      ``g_a - gamma * M . sum_{k=0..K} (I - gamma * H)^k . v``  (iDARTS)
+- :func:`exact`:        ``g_a - M . H^-1 . v``, by a dense solve            (implicit function theorem)
+
+All second-order products are exact double-backprop products (no finite differences). No function leaves a
+trace on its inputs: weights are restored bit for bit, and no ``.grad`` field is written.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Loss = Callable[[], torch.Tensor]
+Tensors = Sequence[torch.Tensor]
+
+#: Above this many weights :func:`exact` refuses: its dense Hessian needs ``n`` Hessian-vector products and n^2 memory.
+EXACT_MAX_WEIGHTS = 10_000
+
+__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'EXACT_MAX_WEIGHTS']
+
+
+def _grad(output: torch.Tensor, inputs: Tensors, grad_outputs: Tensors | None = None, *,
+          create_graph: bool = False, retain_graph: bool | None = None) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad`` where an input the output does not depend on gets a zero gradient, not None.
+
+    A supernet has weights that a given loss never touches (e.g. an op whose path is cut), and alphas that a loss
+    reaches only through the weights, so "unused" is normal here and means a zero derivative.
+    """
+    grads = torch.autograd.grad(output, list(inputs), grad_outputs=grad_outputs, create_graph=create_graph,
+                                retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
+    return tuple(grads)
+
+
+def _vjp(outputs: Tensors, inputs: Tensors, vectors: Tensors) -> tuple[torch.Tensor, ...]:
+    """``sum_i vectors_i . d outputs_i / d inputs``, keeping the graph of ``outputs`` for further products.
+
+    Outputs that carry no graph (a gradient that is constant in every input) contribute zero, so they are left out
+    rather than handed to autograd, which rejects them.
+    """
+    pairs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+    if not pairs:
+        return tuple(torch.zeros_like(x) for x in inputs)
+    return _grad([o for o, _ in pairs], inputs, [v for _, v in pairs], retain_graph=True)
+
+
+def _unflatten(flat: torch.Tensor, like: Tensors) -> list[torch.Tensor]:
+    pieces = torch.split(flat, [t.numel() for t in like])
+    return [p.reshape(t.shape) for p, t in zip(pieces, like)]
+
+
+def _split_val_grads(val_loss: Loss, weights: Tensors, alphas: Tensors) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``(grad_w L_val, grad_a L_val)`` from one forward and one backward pass."""
+    grads = _grad(val_loss(), [*weights, *alphas])
+    return grads[:len(weights)], grads[len(weights):]
+
+
+def _check(weights: Tensors, alphas: Tensors, *, second_order: bool = True) -> None:
+    if second_order and not weights:
+        raise ValueError('No weights were given: a second-order hypergradient differentiates through them.')
+    if not alphas:
+        raise ValueError('No architecture parameters (alphas) were given: there is nothing to differentiate.')
+    for name, tensors in (('weights', weights), ('alphas', alphas)):
+        if any(not t.requires_grad for t in tensors):
+            raise ValueError(f'Every tensor in `{name}` must have requires_grad=True.')
+
+
+def first_order(val_loss: Loss, weights: Tensors, alphas: Tensors) -> tuple[torch.Tensor, ...]:
+    """DARTS first order: ``grad_a L_val(w, a)``, treating the weights as constants.
+
+    ``weights`` is accepted for a uniform signature (and checked) but not differentiated.
+    """
+    _check(weights, alphas, second_order=False)
+    return _grad(val_loss(), alphas)
+
+
+def unrolled(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
+             lr: float) -> tuple[torch.Tensor, ...]:
+    """DARTS second order: the exact gradient of ``L_val(w - lr * grad_w L_train(w, a), a)`` with respect to a.
+
+    ``grad_a L_val(w', a) - lr * d2_{a,w} L_train(w, a) . grad_w' L_val(w', a)``, with
+    ``w' = w - lr * grad_w L_train(w, a)`` (one plain SGD step, as in Liu et al., 2019, eq. 7).
+
+    The weights are moved to ``w'`` in place for the validation pass and restored bit for bit afterwards.
+    Unlike the original DARTS code, the mixed product is taken by double backprop, not by finite differences.
+    """
+    _check(weights, alphas)
+    if not lr > 0:
+        raise ValueError(f'lr must be > 0, got {lr}.')
+    with torch.no_grad():
+        saved = [w.detach().clone() for w in weights]
+    train_grads = _grad(train_loss(), weights)
+    try:
+        with torch.no_grad():
+            for w, g in zip(weights, train_grads):
+                w.sub_(g, alpha=lr)
+        val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+    finally:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+    # The mixed product must be taken at the original w, so the train graph is built again after restoring:
+    # a graph built before the in-place move would be invalidated by it.
+    mixed = _mixed_product(train_loss, weights, alphas, val_grad_w)
+    return tuple(ga - lr * m for ga, m in zip(val_grad_a, mixed))
+
+
+def _mixed_product(train_loss: Loss, weights: Tensors, alphas: Tensors, vector: Tensors) -> tuple[torch.Tensor, ...]:
+    """``d2_{a,w} L_train . vector``, as the alpha-gradient of ``<grad_w L_train, vector>``."""
+    train_grads = _grad(train_loss(), weights, create_graph=True)
+    return _vjp(train_grads, alphas, vector)
+
+
+def neumann(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
+            K: int = 2, gamma: float) -> tuple[torch.Tensor, ...]:
+    """iDARTS (Zhang et al., 2021): the implicit hypergradient with a K-term Neumann series for the inverse Hessian.
+
+    ``grad_a L_val - gamma * d2_{a,w} L_train . sum_{k=0..K} (I - gamma * d2_w L_train)^k . grad_w L_val``
+
+    ``gamma * sum_{k=0..K} (I - gamma * H)^k`` tends to ``H^-1`` as K grows when ``0 < gamma < 2 / lambda_max(H)``
+    and H is positive definite; K = 0 gives ``gamma * I``. The graph of ``grad_w L_train`` is built once (one
+    forward pass) and each of the K Hessian-vector products and the final mixed product is one more backward
+    pass through it.
+    """
+    _check(weights, alphas)
+    if not isinstance(K, int) or isinstance(K, bool) or K < 0:
+        raise ValueError(f'K (the number of Neumann terms) must be an integer >= 0, got {K!r}.')
+    if not gamma > 0:
+        raise ValueError(f'gamma must be > 0, got {gamma}.')
+    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+
+    train_grads = _grad(train_loss(), weights, create_graph=True)
+    term = val_grad_w        # (I - gamma H)^k v, for k = 0
+    total = list(val_grad_w)  # sum of the terms so far
+    for _ in range(K):
+        hvp = _vjp(train_grads, weights, term)
+        term = tuple(t - gamma * h for t, h in zip(term, hvp))
+        total = [s + t for s, t in zip(total, term)]
+    mixed = _vjp(train_grads, alphas, total)
+    return tuple(ga - gamma * m for ga, m in zip(val_grad_a, mixed))
+
+
+def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
+          max_weights: int = EXACT_MAX_WEIGHTS) -> tuple[torch.Tensor, ...]:
+    """The implicit hypergradient with the inverse Hessian by a dense solve: ``g_a - M . H^-1 . v``.
+
+    For small problems, tests and diagnostics: it builds the full ``n x n`` weight Hessian with n Hessian-vector
+    products, so it refuses more than ``max_weights`` weights. H must be non-singular (a strict local minimum of
+    L_train); a singular H raises ``torch.linalg.LinAlgError``.
+    """
+    _check(weights, alphas)
+    n = sum(w.numel() for w in weights)
+    if n > max_weights:
+        raise ValueError(f'exact() builds a dense {n} x {n} Hessian; that is more than max_weights={max_weights}. '
+                         'Use neumann() for a supernet of this size, or raise max_weights.')
+    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+
+    train_grads = _grad(train_loss(), weights, create_graph=True)
+    # Row i of H is the Hessian-vector product with the i-th unit vector.
+    eye = torch.eye(n, dtype=weights[0].dtype, device=weights[0].device)
+    hessian = torch.stack([
+        torch.cat([h.reshape(-1) for h in _vjp(train_grads, weights, _unflatten(eye[i], weights))])
+        for i in range(n)
+    ])
+    v = torch.cat([g.reshape(-1) for g in val_grad_w])
+    solution = torch.linalg.solve(hessian, v)
+    mixed = _vjp(train_grads, alphas, _unflatten(solution, weights))
+    return tuple(ga - m for ga, m in zip(val_grad_a, mixed))

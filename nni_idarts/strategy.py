@@ -1,0 +1,99 @@
+"""``IDartsStrategy``: NNI 3.0's DARTS strategy with the iDARTS architecture step plugged in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+from nni.nas.strategy import DARTS
+
+from .module import HYPERGRADIENTS, IDartsLightningModule
+
+
+class IDartsStrategy(DARTS):
+    """Differentiable architecture search with stochastic implicit gradients (iDARTS; Zhang et al., ICML 2021).
+
+    It keeps everything of NNI's :class:`~nni.nas.strategy.DARTS`: the supernet built by NNI's mutation hooks
+    (``LayerChoice``, ``InputChoice``, ``Repeat``, ``Cell`` and layers with ``nni.choice`` arguments), the softmax
+    relaxation, the train/val combined loader, export and the architecture optimizer (Adam with betas (0.5, 0.999)
+    and weight decay 1e-3). It replaces the architecture gradient with the implicit hypergradient
+
+        dL_val/da = grad_a L_val - d2_{a,w} L_train . [d2_w L_train]^-1 . grad_w L_val
+
+    with ``[d2_w L_train]^-1`` approximated by ``gamma * sum_{k=0..K} (I - gamma * d2_w L_train)^k`` on minibatches.
+    The math is in :mod:`nni_idarts.hypergradient`.
+
+    Parameters
+    ----------
+    hypergradient
+        ``'implicit'`` (iDARTS, :func:`~nni_idarts.hypergradient.neumann`), ``'unrolled'`` (DARTS 2nd order,
+        :func:`~nni_idarts.hypergradient.unrolled` with lr = the weight learning rate) or ``'first_order'``
+        (DARTS 1st order, :func:`~nni_idarts.hypergradient.first_order`).
+    K
+        Number of Neumann terms after the identity (paper: 2). ``K=0`` approximates the inverse Hessian by gamma * I.
+    gamma
+        Step size of the Neumann series. ``None`` (the paper's choice) uses the weight optimizer's current learning rate.
+    inner_steps
+        T, the number of weight steps, each on a fresh training batch, per architecture step (paper: 4 to 5).
+        ``inner_steps=1`` with ``hypergradient='first_order'`` is NNI's DARTS.
+    arc_learning_rate
+        Learning rate of the architecture optimizer (paper: 3e-4).
+    gradient_clip_val
+        Clip the weight gradients to this norm before each weight step (``None``: no clipping).
+    log_prob_every_n_step
+        Log the per-choice probabilities every this many batches.
+    warmup_epochs
+        The first ``warmup_epochs`` epochs train the weights only.
+    max_nonfinite_steps
+        A non-finite hypergradient skips its architecture step; this many in a row stop the search with an error.
+    **kwargs
+        Passed to :class:`~nni.nas.strategy.DARTS` (e.g. ``mutation_hooks``).
+    """
+
+    def __init__(self, *, hypergradient: str = 'implicit', K: int = 2, gamma: float | None = None,
+                 inner_steps: int = 5, arc_learning_rate: float = 3.0e-4, gradient_clip_val: float | None = None,
+                 log_prob_every_n_step: int = 10, warmup_epochs: int = 0, max_nonfinite_steps: int = 10,
+                 **kwargs: Any):
+        if 'penalty' in kwargs:
+            raise ValueError('IDartsStrategy does not support the `penalty` option of NNI DARTS.')
+        if hypergradient not in HYPERGRADIENTS:
+            raise ValueError(f'hypergradient must be one of {", ".join(map(repr, HYPERGRADIENTS))}; got {hypergradient!r}.')
+        _require_int('K', K, minimum=0)
+        _require_int('inner_steps', inner_steps, minimum=1)
+        _require_int('warmup_epochs', warmup_epochs, minimum=0)
+        _require_int('max_nonfinite_steps', max_nonfinite_steps, minimum=1)
+        _require_int('log_prob_every_n_step', log_prob_every_n_step, minimum=1)
+        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
+            raise ValueError(f'gamma must be a number > 0 or None (the weight learning rate); got {gamma!r}.')
+        if not (isinstance(arc_learning_rate, (int, float)) and arc_learning_rate > 0):
+            raise ValueError(f'arc_learning_rate must be a number > 0; got {arc_learning_rate!r}.')
+        super().__init__(arc_learning_rate=arc_learning_rate, gradient_clip_val=gradient_clip_val,
+                         log_prob_every_n_step=log_prob_every_n_step, warmup_epochs=warmup_epochs, **kwargs)
+        self.hypergradient = hypergradient
+        self.K = K
+        self.gamma = gamma
+        self.inner_steps = inner_steps
+        self.max_nonfinite_steps = max_nonfinite_steps
+
+    def configure_oneshot_module(self, training_module: nn.Module) -> IDartsLightningModule:
+        return IDartsLightningModule(
+            training_module,
+            hypergradient=self.hypergradient,
+            K=self.K,
+            gamma=self.gamma,
+            inner_steps=self.inner_steps,
+            arc_learning_rate=self.arc_learning_rate,
+            gradient_clip_val=self.gradient_clip_val,
+            log_prob_every_n_step=self.log_prob_every_n_step,
+            warmup_epochs=self.warmup_epochs,
+            max_nonfinite_steps=self.max_nonfinite_steps,
+        )
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(hypergradient={self.hypergradient!r}, K={self.K}, gamma={self.gamma}, '
+                f'inner_steps={self.inner_steps}, arc_learning_rate={self.arc_learning_rate})')
+
+
+def _require_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}; got {value!r}.')
