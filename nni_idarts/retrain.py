@@ -1,0 +1,58 @@
+"""Train one fixed architecture from scratch and measure it: the last step of search -> export -> retrain.
+
+The fixed model comes from NNI's own fixed-architecture path (``ModelSpace.freeze(arch)``), so any NNI model
+space works, whichever strategy exported the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from nni.nas.evaluator.pytorch import ClassificationModule
+from nni.nas.nn.pytorch import ModelSpace
+from torch.utils.data import DataLoader, Dataset
+
+from .search import MomentumSGD
+
+
+@dataclass
+class RetrainResult:
+    accuracy: float        #: accuracy on ``eval_data`` after training
+    loss: float            #: mean loss on ``eval_data``
+    num_parameters: int    #: trainable parameters of the fixed model
+
+
+def fixed_model(model_space: ModelSpace, arch: dict[str, Any]) -> nn.Module:
+    """The model of ``arch`` in ``model_space`` (a fresh, unsearched space), with freshly initialised weights."""
+    return model_space.freeze(arch)
+
+
+def train_and_evaluate(model: nn.Module, train_data: Dataset, eval_data: Dataset, *, epochs: int = 20,
+                       batch_size: int = 64, learning_rate: float = 0.05, weight_decay: float = 3e-4,
+                       num_classes: int = 10, seed: int | None = 0,
+                       trainer_kwargs: dict[str, Any] | None = None) -> RetrainResult:
+    """Train ``model`` on ``train_data`` (SGD, momentum 0.9) and report accuracy and loss on ``eval_data``."""
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    module = ClassificationModule(num_classes=num_classes, learning_rate=learning_rate, weight_decay=weight_decay,
+                                  optimizer=MomentumSGD, export_onnx=False)
+    module.set_model(model)
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    kwargs: dict[str, Any] = {'accelerator': 'cpu', 'logger': False, 'enable_checkpointing': False,
+                              'enable_model_summary': False}
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(max_epochs=epochs, **kwargs)
+    trainer.fit(module, DataLoader(train_data, batch_size=batch_size, shuffle=True, generator=generator))
+    metrics = trainer.test(module, DataLoader(eval_data, batch_size=256), verbose=False)[0]
+    return RetrainResult(accuracy=float(metrics['test_acc']), loss=float(metrics['test_loss']),
+                         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def retrain(model_space: ModelSpace, arch: dict[str, Any], train_data: Dataset, eval_data: Dataset,
+            **kwargs: Any) -> RetrainResult:
+    """Build ``arch`` from ``model_space`` and :func:`train_and_evaluate` it from scratch."""
+    return train_and_evaluate(fixed_model(model_space, arch), train_data, eval_data, **kwargs)
