@@ -58,8 +58,12 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     experiment = NasExperiment(model_space, evaluator, strategy)
     with tempfile.TemporaryDirectory() as tmp:
         experiment.config.experiment_working_directory = workdir or tmp
-        experiment.run()
-        arch = experiment.export_top_models(formatter='dict')[0]
+        try:
+            experiment.run()
+            arch = experiment.export_top_models(formatter='dict')[0]
+        finally:
+            # NNI leaves a finished experiment running until atexit; stop it while its folder still exists.
+            experiment.stop()
     probs = strategy.oneshot_module.export_probs()
     return SearchResult(arch=arch, probs={k: {c: float(p) for c, p in v.items()} for k, v in probs.items()},
                         strategy=strategy)

@@ -1,5 +1,5 @@
 """NNI model spaces for nni-idarts. Each is a plain ``nni.nas.nn.pytorch.ModelSpace``, usable by any NNI strategy."""
 
-from .digits import DigitsCellSpace, DIGITS_OPS
+from .digits import DIGITS_OPS, DigitsCellSpace, DigitsMLPSpace
 
-__all__ = ['DigitsCellSpace', 'DIGITS_OPS']
+__all__ = ['DigitsCellSpace', 'DigitsMLPSpace', 'DIGITS_OPS']

@@ -8,9 +8,10 @@ pooling and a linear classifier. Labels are ``edge_0_1``, ``edge_0_2``, ``edge_1
 
 from __future__ import annotations
 
+import nni
 import torch
 import torch.nn as nn
-from nni.nas.nn.pytorch import LayerChoice, ModelSpace
+from nni.nas.nn.pytorch import InputChoice, LayerChoice, ModelSpace, MutableLinear
 
 DIGITS_OPS = ('none', 'skip_connect', 'conv_1x1', 'conv_3x3', 'avg_pool_3x3')
 DIGITS_EDGES = ((0, 1), (0, 2), (1, 2))
@@ -73,3 +74,28 @@ class DigitsCellSpace(ModelSpace):
         for cell in self.cells:
             x = cell(x)
         return self.head(x)
+
+
+class DigitsMLPSpace(ModelSpace):
+    """A tiny MLP space on flattened digits that uses every kind of NNI choice the strategies support.
+
+    ``width`` (an ``nni.choice`` on ``MutableLinear`` widths), ``op`` (a ``LayerChoice``) and ``skip`` (an
+    ``InputChoice`` between the op's output and its input). Input: ``(N, 1, 8, 8)`` or ``(N, 64)``.
+    """
+
+    def __init__(self, hidden: int = 32, num_classes: int = 10):
+        super().__init__()
+        width = nni.choice('width', [hidden // 2, hidden])
+        self.stem = MutableLinear(64, width)
+        self.proj = MutableLinear(width, hidden)
+        self.op = LayerChoice({
+            'linear_relu': nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()),
+            'linear_tanh': nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()),
+            'identity': nn.Identity(),
+        }, label='op')
+        self.skip = InputChoice(n_candidates=2, n_chosen=1, label='skip')
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(torch.relu(self.stem(x.flatten(1)))))
+        return self.head(self.skip([self.op(h), h]))
