@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
+from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.strategy import DARTS
 
 from .module import HYPERGRADIENTS, IDartsLightningModule
@@ -74,6 +75,23 @@ class IDartsStrategy(DARTS):
         self.gamma = gamma
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
+
+    def mutate_model(self, model: ModelSpace) -> ModelSpace:
+        # Without this check NNI fails only when Lightning configures the optimizers, with a less specific message.
+        if isinstance(model, ModelSpace) and not model.simplify():
+            raise ValueError(f'The model space {type(model).__name__} has no choices (no LayerChoice, InputChoice or '
+                             'nni.choice): there is no architecture to search.')
+        return super().mutate_model(model)
+
+    def train_dataloader(self, train_dataloader_fn: Callable[[], Any], val_dataloader_fn: Callable[[], Any]) -> Any:
+        loaders = super().train_dataloader(train_dataloader_fn, val_dataloader_fn)
+        # Lightning would skip an empty training loader with a warning, and cycle an empty validation loader
+        # forever: the search would "finish" with the alphas it started with.
+        for name, purpose in (('train', 'weights'), ('val', 'architecture')):
+            loader = loaders[name]
+            if hasattr(loader, '__len__') and len(loader) == 0:
+                raise ValueError(f'The {name} dataloader of the evaluator is empty; iDARTS trains the {purpose} on it.')
+        return loaders
 
     def configure_oneshot_module(self, training_module: nn.Module) -> IDartsLightningModule:
         return IDartsLightningModule(
