@@ -27,7 +27,7 @@ class TinySpace(ModelSpace):
 
 
 def fingerprints(images: torch.Tensor) -> list[int]:
-    """One hash per sample (of its exact pixel values), to tell which samples a batch held."""
+    """One hash per sample (of its exact pixel values), to tell which samples a batch held (not for NaN samples)."""
     return [hash(tuple(x.tolist())) for x in images.flatten(1)]
 
 
@@ -56,6 +56,8 @@ class StepRecorder(pl.Callback):
             'epoch': trainer.current_epoch,
             'train_samples': fingerprints(batch['train'][0]),
             'val_samples': fingerprints(batch['val'][0]),
+            'train_nonfinite': not bool(torch.isfinite(batch['train'][0]).all()),
+            'val_nonfinite': not bool(torch.isfinite(batch['val'][0]).all()),
             'nonfinite_arch_steps': pl_module._nonfinite_total,
             'nonfinite_weight_steps': pl_module._nonfinite_weight_total,
         })
