@@ -17,10 +17,12 @@ global batch, because every quantity that feeds an update is the mean over ranks
   why that is exact). The hypergradient, and with it the Adam step and the alphas, are then identical on all ranks;
 - skip decisions (non-finite steps) are agreed by all ranks, so no rank skips a collective the others join.
 
-The alphas are parameters of the supernet, so DDP broadcasts them from rank 0 at start-up with the weights, and
-they also get an (all-reduced) gradient from the weight step's backward; that gradient is unused: the weight
-optimizer excludes the alphas (NNI's ``postprocess_weight_optimizers``) and the architecture step overwrites
-``alpha.grad``. BatchNorm normalises with per-rank batch statistics, as in any DDP training; only a model without
+The alphas are parameters of the supernet, but DDP is told to ignore them (:meth:`IDartsLightningModule.setup`):
+they change only through the architecture step, whose gradient is reduced explicitly, and DDP's reducer, which
+expects a gradient for every parameter it tracks, would fail during warm-up, when NNI freezes the alphas. So the
+weight step's all-reduce covers exactly the weights (the weight optimizer excludes the alphas, NNI's
+``postprocess_weight_optimizers``; the alpha gradient that backward leaves behind is overwritten by the next
+architecture step), and the alphas are broadcast from rank 0 once, at the start of fit. BatchNorm normalises with per-rank batch statistics, as in any DDP training; only a model without
 batch statistics has a global-batch loss that is exactly the mean of the rank losses.
 """
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
+from torch.nn.parallel import DistributedDataParallel
 
 from . import hypergradient
 
@@ -208,12 +211,26 @@ class IDartsLightningModule(DartsLightningModule):
             raise error(f'{in_a_row} {what} (epoch {self.trainer.current_epoch}, batch {batch_idx}); each was skipped. '
                         'Check the data for NaN/inf, lower the learning rates or gamma, or set gradient_clip_val.')
 
+    def setup(self, stage: str = None) -> None:  # type: ignore[assignment]  # NNI's signature
+        result = super().setup(stage)
+        # Runs before Lightning wraps the module in DistributedDataParallel; see the module docstring for why the
+        # alphas are kept out of DDP. (A no-op without DDP.)
+        names = {id(p): name for name, p in self.named_parameters()}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [names[id(alpha)] for alpha in self.arch_parameters()])
+        return result
+
     def on_fit_start(self) -> None:
         # Fail before the first step, not at it: the optimizers exist from here on.
         if not self.training_module.automatic_optimization:
             raise ValueError('The evaluator\'s module uses manual optimization; iDARTS drives the weight optimizer '
                              'itself and needs an evaluator with automatic optimization.')
         self._lightning_weight_optimizer()
+        if self.trainer.world_size > 1:
+            # DDP broadcast the weights from rank 0 but not the alphas, which it ignores: do it here.
+            with torch.no_grad():
+                for alpha in self.arch_parameters():
+                    alpha.copy_(self.trainer.strategy.broadcast(alpha.detach().clone(), src=0))
         return super().on_fit_start()
 
     # ----- the search loop -----

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker
 import numpy as np
 import pytest
 
@@ -37,8 +38,10 @@ def _run_worker(out: Path, mode: str, batch_size: int) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp('ddp')
     _run_worker(out, 'ddp', PER_RANK_BATCH)
-    _run_worker(out, 'single', 2 * PER_RANK_BATCH)
-    return {name: json.loads((out / f'{name}.json').read_text()) for name in ('ddp_rank0', 'ddp_rank1', 'single_rank0')}
+    ddp_worker.main(str(out), 'single', 2 * PER_RANK_BATCH)  # in this process: one interpreter start less
+    _run_worker(out, 'ddp_warmup', PER_RANK_BATCH)
+    names = ('ddp_rank0', 'ddp_rank1', 'single_rank0', 'ddp_warmup_rank0', 'ddp_warmup_rank1')
+    return {name: json.loads((out / f'{name}.json').read_text()) for name in names}
 
 
 def test_ddp_shards_the_combined_loader_per_rank(runs: dict[str, dict]) -> None:
@@ -54,7 +57,9 @@ def test_ddp_shards_the_combined_loader_per_rank(runs: dict[str, dict]) -> None:
 
 def test_ddp_ranks_hold_identical_alphas_and_weights_after_every_step(runs: dict[str, dict]) -> None:
     rank0, rank1 = runs['ddp_rank0'], runs['ddp_rank1']
+    # Rank 1 built other weights and shifted its alphas (see ddp_worker): both were replaced by rank 0's.
     assert rank0['initial']['alphas'] == rank1['initial']['alphas']
+    assert rank0['initial']['weights'] == rank1['initial']['weights']
     for step, (r0, r1) in enumerate(zip(rank0['steps'], rank1['steps'])):
         assert r0['alphas'] == r1['alphas'], f'alphas differ between ranks after step {step}'
         assert r0['weights'] == r1['weights'], f'weights differ between ranks after step {step}'
@@ -74,3 +79,15 @@ def test_ddp_equals_single_process_with_the_global_batch(runs: dict[str, dict]) 
         np.testing.assert_allclose(d['alphas'], s['alphas'], rtol=0, atol=1e-6, err_msg=f'alphas, step {step}')
         np.testing.assert_allclose(d['weights'], s['weights'], rtol=0, atol=1e-6, err_msg=f'weights, step {step}')
     assert ddp['arch'] == single['arch']
+
+
+def test_ddp_with_warmup_epochs(runs: dict[str, dict]) -> None:
+    # NNI freezes the alphas during warm-up (requires_grad=False); DDP must not wait for their gradients.
+    rank0, rank1 = runs['ddp_warmup_rank0'], runs['ddp_warmup_rank1']
+    assert [s['epoch'] for s in rank0['steps']] == [0] * 4 + [1] * 4
+    for r0, r1 in zip(rank0['steps'], rank1['steps']):
+        assert r0['alphas'] == r1['alphas'] and r0['weights'] == r1['weights']
+    warmup, search = rank0['steps'][:4], rank0['steps'][4:]
+    assert all(s['alphas'] == rank0['initial']['alphas'] for s in warmup)
+    assert all(s['weights'] != rank0['initial']['weights'] for s in warmup)
+    assert search[-1]['alphas'] != rank0['initial']['alphas']
