@@ -22,8 +22,10 @@ they change only through the architecture step, whose gradient is reduced explic
 expects a gradient for every parameter it tracks, would fail during warm-up, when NNI freezes the alphas. So the
 weight step's all-reduce covers exactly the weights (the weight optimizer excludes the alphas, NNI's
 ``postprocess_weight_optimizers``; the alpha gradient that backward leaves behind is overwritten by the next
-architecture step), and the alphas are broadcast from rank 0 once, at the start of fit. BatchNorm normalises with per-rank batch statistics, as in any DDP training; only a model without
-batch statistics has a global-batch loss that is exactly the mean of the rank losses.
+architecture step), and the alphas are broadcast from rank 0 once, at the start of fit.
+
+BatchNorm normalises with per-rank batch statistics, as in any DDP training; only a model without batch statistics
+has a global-batch loss that is exactly the mean of the rank losses.
 """
 
 from __future__ import annotations

@@ -113,3 +113,27 @@ def test_validation_batches_unlike_training_batches_are_refused_before_any_step(
     with pytest.raises(ValueError, match='validation batches do not match the training batches'):
         _run(TinySpace(), _classification(train, val, recorder), tmp_path)
     assert recorder.steps == []
+
+
+@nni.trace
+class ManualOptimizationModule(ClassificationModule):
+    """A recipe that steps its optimizer itself: iDARTS cannot interleave architecture steps with it."""
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:  # Lightning's setter; this recipe is always manual
+        pass
+
+
+def test_evaluator_with_manual_optimization_is_refused_before_any_step(digits, tmp_path) -> None:
+    recorder = StepRecorder()
+    train, val = digits
+    evaluator = Lightning(ManualOptimizationModule(num_classes=10, export_onnx=False),
+                          Trainer(callbacks=[recorder], **TRAINER),
+                          train_dataloaders=DataLoader(train, batch_size=8), val_dataloaders=DataLoader(val, batch_size=8))
+    with pytest.raises(ValueError, match='uses manual optimization'):
+        _run(TinySpace(), evaluator, tmp_path)
+    assert recorder.steps == []
