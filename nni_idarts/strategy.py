@@ -22,7 +22,8 @@ class IDartsStrategy(DARTS):
         dL_val/da = grad_a L_val - d2_{a,w} L_train . [d2_w L_train]^-1 . grad_w L_val
 
     with ``[d2_w L_train]^-1`` approximated by ``gamma * sum_{k=0..K} (I - gamma * d2_w L_train)^k`` on minibatches.
-    The math is in :mod:`nni_idarts.hypergradient`.
+    The math is in :mod:`nni_idarts.hypergradient`. It runs under Lightning's DDP strategy as the search of the global
+    batch, with every reduction the hypergradient needs made explicit (see :mod:`nni_idarts.module`).
 
     Parameters
     ----------
@@ -46,7 +47,9 @@ class IDartsStrategy(DARTS):
     warmup_epochs
         The first ``warmup_epochs`` epochs train the weights only.
     max_nonfinite_steps
-        A non-finite hypergradient skips its architecture step; this many in a row stop the search with an error.
+        A non-finite loss or hypergradient skips its architecture step, a non-finite training loss or weight gradient
+        its weight step (counted in the logged ``nonfinite_arch_steps`` / ``nonfinite_weight_steps``); this many
+        skips of one kind in a row stop the search with :class:`~nni_idarts.NonFiniteStepError`.
     **kwargs
         Passed to :class:`~nni.nas.strategy.DARTS` (e.g. ``mutation_hooks``).
     """
