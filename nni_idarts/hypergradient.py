@@ -15,6 +15,16 @@ Notation: ``g_a = grad_a L_val``, ``v = grad_w L_val``, ``H = d2_w L_train`` (th
 
 All second-order products are exact double-backprop products (no finite differences). No function leaves a
 trace on its inputs: weights are restored bit for bit, and no ``.grad`` field is written.
+
+Data parallelism: every second-order function takes an optional ``reduce`` callable, applied to every first
+derivative and every Hessian-vector or mixed product right after it is taken (identity by default). With the
+global loss ``L = (1/R) sum_r L_r`` over R equally sized per-rank batches, each of those quantities is linear in
+the loss: ``grad L = (1/R) sum_r grad L_r`` and, for a vector u that is the same on every rank,
+``H u = (1/R) sum_r H_r u`` and ``M u = (1/R) sum_r M_r u``. So passing an all-ranks mean as ``reduce`` makes
+every intermediate vector (the Neumann terms, ``w'`` of :func:`unrolled`) identical on all ranks, and the result
+is the hypergradient of the mean loss over the global batch. The formulas are unchanged; the functions stay free
+of any distributed library, and ``reduce`` must be called the same number of times on every rank, which they do
+(no data-dependent branches).
 """
 
 from __future__ import annotations
@@ -25,11 +35,17 @@ import torch
 
 Loss = Callable[[], torch.Tensor]
 Tensors = Sequence[torch.Tensor]
+#: Maps a tuple of tensors to a tuple of the same shapes, e.g. their mean over data-parallel ranks.
+Reduce = Callable[[Tensors], Sequence[torch.Tensor]]
+
+
+def _identity(tensors: Tensors) -> tuple[torch.Tensor, ...]:
+    return tuple(tensors)
 
 #: Above this many weights :func:`exact` refuses: its dense Hessian needs ``n`` Hessian-vector products and n^2 memory.
 EXACT_MAX_WEIGHTS = 10_000
 
-__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'EXACT_MAX_WEIGHTS']
+__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'EXACT_MAX_WEIGHTS', 'Reduce']
 
 
 def _grad(output: torch.Tensor, inputs: Tensors, grad_outputs: Tensors | None = None, *,
@@ -61,9 +77,10 @@ def _unflatten(flat: torch.Tensor, like: Tensors) -> list[torch.Tensor]:
     return [p.reshape(t.shape) for p, t in zip(pieces, like)]
 
 
-def _split_val_grads(val_loss: Loss, weights: Tensors, alphas: Tensors) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """``(grad_w L_val, grad_a L_val)`` from one forward and one backward pass."""
-    grads = _grad(val_loss(), [*weights, *alphas])
+def _split_val_grads(val_loss: Loss, weights: Tensors, alphas: Tensors,
+                     reduce: Reduce = _identity) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``(grad_w L_val, grad_a L_val)`` from one forward and one backward pass (reduced together, in one call)."""
+    grads = tuple(reduce(_grad(val_loss(), [*weights, *alphas])))
     return grads[:len(weights)], grads[len(weights):]
 
 
@@ -77,17 +94,18 @@ def _check(weights: Tensors, alphas: Tensors, *, second_order: bool = True) -> N
             raise ValueError(f'Every tensor in `{name}` must have requires_grad=True.')
 
 
-def first_order(val_loss: Loss, weights: Tensors, alphas: Tensors) -> tuple[torch.Tensor, ...]:
+def first_order(val_loss: Loss, weights: Tensors, alphas: Tensors, *,
+                reduce: Reduce = _identity) -> tuple[torch.Tensor, ...]:
     """DARTS first order: ``grad_a L_val(w, a)``, treating the weights as constants.
 
     ``weights`` is accepted for a uniform signature (and checked) but not differentiated.
     """
     _check(weights, alphas, second_order=False)
-    return _grad(val_loss(), alphas)
+    return tuple(reduce(_grad(val_loss(), alphas)))
 
 
 def unrolled(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
-             lr: float) -> tuple[torch.Tensor, ...]:
+             lr: float, reduce: Reduce = _identity) -> tuple[torch.Tensor, ...]:
     """DARTS second order: the exact gradient of ``L_val(w - lr * grad_w L_train(w, a), a)`` with respect to a.
 
     ``grad_a L_val(w', a) - lr * d2_{a,w} L_train(w, a) . grad_w' L_val(w', a)``, with
@@ -101,30 +119,31 @@ def unrolled(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors
         raise ValueError(f'lr must be > 0, got {lr}.')
     with torch.no_grad():
         saved = [w.detach().clone() for w in weights]
-    train_grads = _grad(train_loss(), weights)
+    # Reduced before the move, so that w' is the same point on every rank.
+    train_grads = reduce(_grad(train_loss(), weights))
     try:
         with torch.no_grad():
             for w, g in zip(weights, train_grads):
                 w.sub_(g, alpha=lr)
-        val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+        val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas, reduce)
     finally:
         with torch.no_grad():
             for w, s in zip(weights, saved):
                 w.copy_(s)
     # The mixed product must be taken at the original w, so the train graph is built again after restoring:
     # a graph built before the in-place move would be invalidated by it.
-    mixed = _mixed_product(train_loss, weights, alphas, val_grad_w)
+    mixed = reduce(_mixed_product(train_loss, weights, alphas, val_grad_w))
     return tuple(ga - lr * m for ga, m in zip(val_grad_a, mixed))
 
 
 def _mixed_product(train_loss: Loss, weights: Tensors, alphas: Tensors, vector: Tensors) -> tuple[torch.Tensor, ...]:
-    """``d2_{a,w} L_train . vector``, as the alpha-gradient of ``<grad_w L_train, vector>``."""
+    """``d2_{a,w} L_train . vector``, as the alpha-gradient of ``<grad_w L_train, vector>`` (not reduced)."""
     train_grads = _grad(train_loss(), weights, create_graph=True)
     return _vjp(train_grads, alphas, vector)
 
 
 def neumann(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
-            K: int = 2, gamma: float) -> tuple[torch.Tensor, ...]:
+            K: int = 2, gamma: float, reduce: Reduce = _identity) -> tuple[torch.Tensor, ...]:
     """iDARTS (Zhang et al., 2021): the implicit hypergradient with a K-term Neumann series for the inverse Hessian.
 
     ``grad_a L_val - gamma * d2_{a,w} L_train . sum_{k=0..K} (I - gamma * d2_w L_train)^k . grad_w L_val``
@@ -139,21 +158,22 @@ def neumann(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors,
         raise ValueError(f'K (the number of Neumann terms) must be an integer >= 0, got {K!r}.')
     if not gamma > 0:
         raise ValueError(f'gamma must be > 0, got {gamma}.')
-    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas, reduce)
 
     train_grads = _grad(train_loss(), weights, create_graph=True)
     term = val_grad_w        # (I - gamma H)^k v, for k = 0
     total = list(val_grad_w)  # sum of the terms so far
     for _ in range(K):
-        hvp = _vjp(train_grads, weights, term)
+        # Reduced before the next term: the next product must be taken with the global H's term on every rank.
+        hvp = reduce(_vjp(train_grads, weights, term))
         term = tuple(t - gamma * h for t, h in zip(term, hvp))
         total = [s + t for s, t in zip(total, term)]
-    mixed = _vjp(train_grads, alphas, total)
+    mixed = reduce(_vjp(train_grads, alphas, total))
     return tuple(ga - gamma * m for ga, m in zip(val_grad_a, mixed))
 
 
 def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
-          max_weights: int = EXACT_MAX_WEIGHTS) -> tuple[torch.Tensor, ...]:
+          max_weights: int = EXACT_MAX_WEIGHTS, reduce: Reduce = _identity) -> tuple[torch.Tensor, ...]:
     """The implicit hypergradient with the inverse Hessian by a dense solve: ``g_a - M . H^-1 . v``.
 
     For small problems, tests and diagnostics: it builds the full ``n x n`` weight Hessian with n Hessian-vector
@@ -165,7 +185,7 @@ def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *
     if n > max_weights:
         raise ValueError(f'exact() builds a dense {n} x {n} Hessian; that is more than max_weights={max_weights}. '
                          'Use neumann() for a supernet of this size, or raise max_weights.')
-    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas)
+    val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas, reduce)
 
     train_grads = _grad(train_loss(), weights, create_graph=True)
     # Row i of H is the Hessian-vector product with the i-th unit vector.
@@ -174,7 +194,8 @@ def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *
         torch.cat([h.reshape(-1) for h in _vjp(train_grads, weights, _unflatten(eye[i], weights))])
         for i in range(n)
     ])
+    (hessian,) = reduce((hessian,))  # the mean of the rank Hessians is the global one (one reduction, not n)
     v = torch.cat([g.reshape(-1) for g in val_grad_w])
     solution = torch.linalg.solve(hessian, v)
-    mixed = _vjp(train_grads, alphas, _unflatten(solution, weights))
+    mixed = reduce(_vjp(train_grads, alphas, _unflatten(solution, weights)))
     return tuple(ga - m for ga, m in zip(val_grad_a, mixed))

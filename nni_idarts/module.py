@@ -3,6 +3,29 @@
 It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLightningModule` already owns the
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
 this subclass only replaces ``training_step``.
+
+Data parallelism (Lightning's DDP strategy, e.g. ``Trainer(strategy='ddp', devices=N)``): Lightning wraps this module
+in ``DistributedDataParallel`` and shards both parts of the DARTS combined loader with a ``DistributedSampler``, so
+each of the R ranks sees its own b samples of a global batch of R*b. The search is the single-process search of that
+global batch, because every quantity that feeds an update is the mean over ranks of the per-rank quantity:
+
+- weight step: ``manual_backward`` goes through DDP, whose reducer averages the weight gradients;
+- architecture step: the hypergradient is built with ``torch.autograd.grad``, which DDP never sees, so
+  :meth:`IDartsLightningModule.compute_hypergradient` passes an explicit all-ranks mean as ``reduce`` to
+  :mod:`nni_idarts.hypergradient`: it is applied to ``grad_w L_val`` and ``grad_a L_val``, to each of the K
+  Hessian-vector products before the next Neumann term is formed, and to the final mixed product (see there for
+  why that is exact). The hypergradient, and with it the Adam step and the alphas, are then identical on all ranks;
+- skip decisions (non-finite steps) are agreed by all ranks, so no rank skips a collective the others join.
+
+The alphas are parameters of the supernet, but DDP is told to ignore them (:meth:`IDartsLightningModule.setup`):
+they change only through the architecture step, whose gradient is reduced explicitly, and DDP's reducer, which
+expects a gradient for every parameter it tracks, would fail during warm-up, when NNI freezes the alphas. So the
+weight step's all-reduce covers exactly the weights (the weight optimizer excludes the alphas, NNI's
+``postprocess_weight_optimizers``; the alpha gradient that backward leaves behind is overwritten by the next
+architecture step), and the alphas are broadcast from rank 0 once, at the start of fit.
+
+BatchNorm normalises with per-rank batch statistics, as in any DDP training; only a model without batch statistics
+has a global-batch loss that is exactly the mean of the rank losses.
 """
 
 from __future__ import annotations
@@ -13,6 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
+from torch.nn.parallel import DistributedDataParallel
 
 from . import hypergradient
 
@@ -20,7 +44,11 @@ from . import hypergradient
 HYPERGRADIENTS = ('implicit', 'unrolled', 'first_order')
 
 
-class NonFiniteHypergradientError(RuntimeError):
+class NonFiniteStepError(RuntimeError):
+    """Raised when too many steps of one kind in a row had a non-finite loss or gradient (and were skipped)."""
+
+
+class NonFiniteHypergradientError(NonFiniteStepError):
     """Raised when too many architecture steps in a row had a non-finite loss or hypergradient."""
 
 
@@ -53,8 +81,11 @@ class IDartsLightningModule(DartsLightningModule):
         self.gamma = gamma
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
-        self._nonfinite_in_a_row = 0
+        self._nonfinite_in_a_row = 0          # architecture steps
         self._nonfinite_total = 0
+        self._nonfinite_weight_in_a_row = 0   # weight steps
+        self._nonfinite_weight_total = 0
+        self._batches_checked = False
 
     # ----- the parameters of the two levels -----
 
@@ -67,15 +98,21 @@ class IDartsLightningModule(DartsLightningModule):
                 seen.setdefault(id(param), param)
         return list(seen.values())
 
-    def weight_optimizer(self) -> torch.optim.Optimizer:
-        """The evaluator's (single) weight optimizer, unwrapped from Lightning."""
+    def _lightning_weight_optimizer(self) -> Any:
+        """The evaluator's (single) weight optimizer, as Lightning's wrapper (which tracks optimizer progress)."""
         optimizers = self.optimizers()
         if not isinstance(optimizers, list):
             optimizers = [optimizers]
         weight_optimizers = [opt for opt in optimizers if not getattr(opt, 'is_arch_optimizer', False)]
         if len(weight_optimizers) != 1:
-            raise ValueError(f'iDARTS needs exactly one weight optimizer in the evaluator, found {len(weight_optimizers)}.')
-        return getattr(weight_optimizers[0], 'optimizer', weight_optimizers[0])
+            raise ValueError(f'iDARTS needs exactly one weight optimizer in the evaluator, found {len(weight_optimizers)}: '
+                             'make the evaluator\'s configure_optimizers() return a single optimizer.')
+        return weight_optimizers[0]
+
+    def weight_optimizer(self) -> torch.optim.Optimizer:
+        """The evaluator's (single) weight optimizer, unwrapped from Lightning."""
+        optimizer = self._lightning_weight_optimizer()
+        return getattr(optimizer, 'optimizer', optimizer)
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """The lower-level variables w: what the weight optimizer trains (NNI has already removed the alphas)."""
@@ -120,46 +157,163 @@ class IDartsLightningModule(DartsLightningModule):
                 penalty = penalty + 0.5 * decay * sum((p * p).sum() for p in group['params'] if p.requires_grad)
         return penalty
 
+    # ----- data parallelism and numerical safety -----
+
+    def _mean_over_ranks(self, tensors: hypergradient.Tensors) -> tuple[torch.Tensor, ...]:
+        """The element-wise mean of ``tensors`` over the data-parallel ranks; the identity on a single process.
+
+        The ``reduce`` of :mod:`nni_idarts.hypergradient`. All tensors go through one all-reduce (flattened into a
+        single buffer), so a Neumann step costs one collective whatever the number of parameter tensors.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tuple(tensors)
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        flat = trainer.strategy.reduce(flat, reduce_op='mean')
+        pieces = torch.split(flat, [t.numel() for t in tensors])
+        return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(pieces, tensors))
+
+    def _all_ranks_finite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every tensor is finite on every rank.
+
+        Under DDP all ranks must take the same branch: a step skipped on one rank only would leave the ranks with
+        different parameters, and a collective that one rank skips hangs the others.
+        """
+        finite = bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()) if tensors else True
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Forward passes in training mode update buffers (BatchNorm running statistics) before the loss is known;
+        # a skipped step puts them back, so a NaN batch leaves no NaN behind in them either.
+        return [(b, b.detach().clone()) for b in self.training_module.buffers()]
+
+    @staticmethod
+    def _restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for buffer, saved in snapshot:
+                buffer.copy_(saved)
+
+    def _count_nonfinite(self, kind: str, batch_idx: int) -> None:
+        """Count a skipped step of ``kind`` ('architecture' or 'weight'), log the total, raise after too many in a row."""
+        if kind == 'architecture':
+            self._nonfinite_in_a_row += 1
+            self._nonfinite_total += 1
+            in_a_row, total, error = self._nonfinite_in_a_row, self._nonfinite_total, NonFiniteHypergradientError
+            what, key = 'architecture steps in a row had a non-finite loss or hypergradient', 'nonfinite_arch_steps'
+        else:
+            self._nonfinite_weight_in_a_row += 1
+            self._nonfinite_weight_total += 1
+            in_a_row, total, error = self._nonfinite_weight_in_a_row, self._nonfinite_weight_total, NonFiniteStepError
+            what, key = 'weight steps in a row had a non-finite training loss or weight gradient', 'nonfinite_weight_steps'
+        self.log(key, float(total))
+        if in_a_row >= self.max_nonfinite_steps:
+            raise error(f'{in_a_row} {what} (epoch {self.trainer.current_epoch}, batch {batch_idx}); each was skipped. '
+                        'Check the data for NaN/inf, lower the learning rates or gamma, or set gradient_clip_val.')
+
+    def setup(self, stage: str = None) -> None:  # type: ignore[assignment]  # NNI's signature
+        result = super().setup(stage)
+        # Runs before Lightning wraps the module in DistributedDataParallel; see the module docstring for why the
+        # alphas are kept out of DDP. (A no-op without DDP.)
+        names = {id(p): name for name, p in self.named_parameters()}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [names[id(alpha)] for alpha in self.arch_parameters()])
+        return result
+
+    def on_fit_start(self) -> None:
+        # Fail before the first step, not at it: the optimizers exist from here on.
+        if not self.training_module.automatic_optimization:
+            raise ValueError('The evaluator\'s module uses manual optimization; iDARTS drives the weight optimizer '
+                             'itself and needs an evaluator with automatic optimization.')
+        self._lightning_weight_optimizer()
+        if self.trainer.world_size > 1:
+            # DDP broadcast the weights from rank 0 but not the alphas, which it ignores: do it here.
+            with torch.no_grad():
+                for alpha in self.arch_parameters():
+                    alpha.copy_(self.trainer.strategy.broadcast(alpha.detach().clone(), src=0))
+        return super().on_fit_start()
+
     # ----- the search loop -----
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if not isinstance(batch, dict) or 'train' not in batch or 'val' not in batch:
             raise TypeError('iDARTS expects batches of the form {"train": ..., "val": ...} from the DARTS combined loader; '
                             f'got {type(batch).__name__}.')
+        if not self._batches_checked:
+            _check_same_structure(batch['train'], batch['val'])
+            self._batches_checked = True
         warmed_up = self.trainer.current_epoch >= self.warmup_epochs
         if warmed_up and batch_idx % self.inner_steps == 0:
             self.architecture_step(batch['train'], batch['val'], batch_idx)
 
         self.resample()
+        buffers = self._snapshot_buffers()
         out = self.training_module.training_step(batch['train'], 2 * batch_idx + 1)
         loss = out['loss'] if isinstance(out, dict) else out
-        self.advance_optimization(loss, batch_idx, self.gradient_clip_val)
+        self.weight_step(loss, batch_idx, buffers)
         self.advance_lr_schedulers(batch_idx)
 
         if batch_idx % self.log_prob_every_n_step == 0:
             self.log_probs(self.export_probs())
         return out
 
-    def compute_hypergradient(self, train_batch: Any, val_batch: Any, batch_idx: int) -> tuple[torch.Tensor, ...]:
-        """The architecture gradient for one step, by the configured ``hypergradient`` method."""
+    def weight_step(self, loss: torch.Tensor, batch_idx: int,
+                    buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """NNI's ``advance_optimization`` (zero_grad, backward, clip, step) with a finiteness gate before clip and step.
+
+        The backward runs even for a non-finite loss: under DDP it is also the gradient all-reduce, which every rank
+        must join. A skipped step leaves weights, optimizer state and (given the snapshot) buffers as they were.
+        """
+        optimizer = self._lightning_weight_optimizer()
+        epoch = self.trainer.current_epoch
+        self.training_module.optimizer_zero_grad(epoch, batch_idx, optimizer)
+        self.manual_backward(loss)
+        grads = [p.grad for p in self.weight_parameters() if p.grad is not None]
+        if not self._all_ranks_finite([loss, *grads]):
+            self.training_module.optimizer_zero_grad(epoch, batch_idx, optimizer)  # no NaN left in .grad either
+            if buffers is not None:
+                self._restore_buffers(buffers)
+            self._count_nonfinite('weight', batch_idx)
+            return
+        self._nonfinite_weight_in_a_row = 0
+        self.training_module.configure_gradient_clipping(optimizer, self.gradient_clip_val, None)
+        self.training_module.optimizer_step(epoch, batch_idx, optimizer)
+        self._optimizer_progress += 1
+
+    def compute_hypergradient(self, train_batch: Any, val_batch: Any, batch_idx: int,
+                              losses: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """The architecture gradient for one step, by the configured ``hypergradient`` method.
+
+        Under data parallelism it is the hypergradient of the mean loss over the global batch (see the module
+        docstring), identical on every rank. The loss values the closures compute are appended to ``losses``.
+        """
         alphas = self.arch_parameters()
         weights = self.weight_parameters()
+        seen = losses if losses is not None else []
 
         def train_loss() -> torch.Tensor:
             with self._redirect_logging(None):
-                return self._loss(train_batch, 2 * batch_idx) + self._l2_penalty()
+                loss = self._loss(train_batch, 2 * batch_idx) + self._l2_penalty()
+            seen.append(loss.detach())
+            return loss
 
         def val_loss() -> torch.Tensor:
             # Called exactly once per hypergradient, so its metrics are logged as validation metrics.
             with self._redirect_logging(_as_validation_key):
-                return self._loss(val_batch, 2 * batch_idx)
+                loss = self._loss(val_batch, 2 * batch_idx)
+            seen.append(loss.detach())
+            return loss
 
+        reduce = self._mean_over_ranks
         if self.hypergradient == 'first_order':
-            return hypergradient.first_order(val_loss, weights, alphas)
+            return hypergradient.first_order(val_loss, weights, alphas, reduce=reduce)
         if self.hypergradient == 'unrolled':
-            return hypergradient.unrolled(train_loss, val_loss, weights, alphas, lr=self.current_weight_lr())
+            return hypergradient.unrolled(train_loss, val_loss, weights, alphas, lr=self.current_weight_lr(),
+                                          reduce=reduce)
         gamma = self.gamma if self.gamma is not None else self.current_weight_lr()
-        return hypergradient.neumann(train_loss, val_loss, weights, alphas, K=self.K, gamma=gamma)
+        return hypergradient.neumann(train_loss, val_loss, weights, alphas, K=self.K, gamma=gamma, reduce=reduce)
 
     def architecture_step(self, train_batch: Any, val_batch: Any, batch_idx: int) -> None:
         arc_optim = self.architecture_optimizers()
@@ -167,19 +321,15 @@ class IDartsLightningModule(DartsLightningModule):
             raise TypeError(f'Expected one architecture optimizer, found {arc_optim!r}.')
         self.resample()
         alphas = self.arch_parameters()
-        grads = self.compute_hypergradient(train_batch, val_batch, batch_idx)
+        buffers = self._snapshot_buffers()
+        losses: list[torch.Tensor] = []
+        grads = self.compute_hypergradient(train_batch, val_batch, batch_idx, losses)
         norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
 
-        if not torch.isfinite(norm):
+        if not self._all_ranks_finite([*losses, norm]):
             # A non-finite step would write NaN into alphas (Adam state too); skip it and count it instead.
-            self._nonfinite_in_a_row += 1
-            self._nonfinite_total += 1
-            self.log('nonfinite_arch_steps', float(self._nonfinite_total))
-            if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
-                raise NonFiniteHypergradientError(
-                    f'{self._nonfinite_in_a_row} architecture steps in a row had a non-finite hypergradient '
-                    f'(epoch {self.trainer.current_epoch}, batch {batch_idx}). Lower the learning rates or gamma, '
-                    'or set gradient_clip_val.')
+            self._restore_buffers(buffers)
+            self._count_nonfinite('architecture', batch_idx)
             return
         self._nonfinite_in_a_row = 0
 
@@ -188,6 +338,25 @@ class IDartsLightningModule(DartsLightningModule):
             alpha.grad = grad.detach().to(alpha.dtype)
         arc_optim.step()
         self.log('hypergradient_norm', norm.float())
+
+
+def _structure(batch: Any) -> Any:
+    """What a batch is made of, up to the batch size: nested containers of ``(dtype, per-sample shape)``."""
+    if isinstance(batch, torch.Tensor):
+        return ('tensor', str(batch.dtype), tuple(batch.shape[1:]))
+    if isinstance(batch, (list, tuple)):
+        return [_structure(b) for b in batch]
+    if isinstance(batch, dict):
+        return {k: _structure(v) for k, v in sorted(batch.items(), key=lambda kv: str(kv[0]))}
+    return type(batch).__name__
+
+
+def _check_same_structure(train_batch: Any, val_batch: Any) -> None:
+    """L_val is the evaluator's training_step on a validation batch, so both loaders must yield the same kind of batch."""
+    train, val = _structure(train_batch), _structure(val_batch)
+    if train != val:
+        raise ValueError('The validation batches do not match the training batches (the architecture step runs the '
+                         f'same training_step on both): train batch {train}, validation batch {val}.')
 
 
 def _as_validation_key(name: str) -> str:

@@ -37,18 +37,26 @@ class SearchResult:
 def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy, *,
            epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025, weight_decay: float = 3e-4,
            num_classes: int = 10, seed: int | None = 0, workdir: str | None = None,
-           trainer_kwargs: dict[str, Any] | None = None) -> SearchResult:
+           trainer_kwargs: dict[str, Any] | None = None, shuffle: bool = True) -> SearchResult:
     """Search ``model_space`` with ``strategy`` on the bilevel split (``train_data`` for w, ``val_data`` for a).
 
     The weights are trained with SGD (momentum 0.9) at ``learning_rate``; ``trainer_kwargs`` go to NNI's Lightning
     ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir`` holds NNI's experiment files (default: a
-    temporary folder, removed afterwards).
+    temporary folder, removed afterwards). ``shuffle=False`` keeps the datasets' order (e.g. to replay a given order).
+
+    Data parallel: ``trainer_kwargs={'strategy': 'ddp', 'devices': N}`` (with ``accelerator`` as needed) runs the
+    search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning replaces
+    the samplers with ``DistributedSampler`` shards (shuffled with ``seed`` when ``shuffle`` is true).
     """
+    for name, data in (('train_data', train_data), ('val_data', val_data)):
+        if hasattr(data, '__len__') and len(data) == 0:  # type: ignore[arg-type]
+            raise ValueError(f'{name} is empty: the search needs training data for the weights and validation data '
+                             'for the architecture.')
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, generator=generator)
-    val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=True, generator=generator)
+    train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=shuffle, generator=generator)
     kwargs: dict[str, Any] = {'accelerator': 'cpu', 'logger': False, 'enable_checkpointing': False}
     kwargs.update(trainer_kwargs or {})
     evaluator = Classification(

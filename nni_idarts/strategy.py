@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
+from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.strategy import DARTS
 
 from .module import HYPERGRADIENTS, IDartsLightningModule
@@ -21,7 +22,8 @@ class IDartsStrategy(DARTS):
         dL_val/da = grad_a L_val - d2_{a,w} L_train . [d2_w L_train]^-1 . grad_w L_val
 
     with ``[d2_w L_train]^-1`` approximated by ``gamma * sum_{k=0..K} (I - gamma * d2_w L_train)^k`` on minibatches.
-    The math is in :mod:`nni_idarts.hypergradient`.
+    The math is in :mod:`nni_idarts.hypergradient`. It runs under Lightning's DDP strategy as the search of the global
+    batch, with every reduction the hypergradient needs made explicit (see :mod:`nni_idarts.module`).
 
     Parameters
     ----------
@@ -45,7 +47,9 @@ class IDartsStrategy(DARTS):
     warmup_epochs
         The first ``warmup_epochs`` epochs train the weights only.
     max_nonfinite_steps
-        A non-finite hypergradient skips its architecture step; this many in a row stop the search with an error.
+        A non-finite loss or hypergradient skips its architecture step, a non-finite training loss or weight gradient
+        its weight step (counted in the logged ``nonfinite_arch_steps`` / ``nonfinite_weight_steps``); this many
+        skips of one kind in a row stop the search with :class:`~nni_idarts.NonFiniteStepError`.
     **kwargs
         Passed to :class:`~nni.nas.strategy.DARTS` (e.g. ``mutation_hooks``).
     """
@@ -74,6 +78,23 @@ class IDartsStrategy(DARTS):
         self.gamma = gamma
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
+
+    def mutate_model(self, model: ModelSpace) -> ModelSpace:
+        # Without this check NNI fails only when Lightning configures the optimizers, with a less specific message.
+        if isinstance(model, ModelSpace) and not model.simplify():
+            raise ValueError(f'The model space {type(model).__name__} has no choices (no LayerChoice, InputChoice or '
+                             'nni.choice): there is no architecture to search.')
+        return super().mutate_model(model)
+
+    def train_dataloader(self, train_dataloader_fn: Callable[[], Any], val_dataloader_fn: Callable[[], Any]) -> Any:
+        loaders = super().train_dataloader(train_dataloader_fn, val_dataloader_fn)
+        # Lightning would skip an empty training loader with a warning, and cycle an empty validation loader
+        # forever: the search would "finish" with the alphas it started with.
+        for name, purpose in (('train', 'weights'), ('val', 'architecture')):
+            loader = loaders[name]
+            if hasattr(loader, '__len__') and len(loader) == 0:
+                raise ValueError(f'The {name} dataloader of the evaluator is empty; iDARTS trains the {purpose} on it.')
+        return loaders
 
     def configure_oneshot_module(self, training_module: nn.Module) -> IDartsLightningModule:
         return IDartsLightningModule(
