@@ -90,12 +90,19 @@ def _random_subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     return Subset(dataset, order.tolist())
 
 
+def _capped(splits: Splits, subset: int | None, seed: int) -> Splits:
+    if subset is not None and subset < 1:
+        raise DataError(f'subset must be at least 1, got {subset}')
+    return Splits(train=_random_subset(splits.train, subset, seed), val=_random_subset(splits.val, subset, seed),
+                  test=_random_subset(splits.test, subset, seed), num_classes=splits.num_classes)
+
+
 def cifar_splits(root: str | os.PathLike, num_classes: int = 10, *, seed: int = 0, val_fraction: float = 0.5,
                  subset: int | None = None) -> Splits:
     """CIFAR-10 or CIFAR-100 from ``root/cifar-10-batches-py`` or ``root/cifar-100-python`` (the official python
     archives, extracted). The 50k training images are split into train (weights) and val (architecture), by
-    default in halves as in DARTS; the 10k test images are ``test``. ``subset`` caps the train+val pool and the
-    test set (for quick runs). Images are normalised with the training set's per-channel mean and std.
+    default in halves as in DARTS; the 10k test images are ``test``. Images are normalised with the training set's
+    per-channel mean and std. ``subset``: see :func:`load_splits`.
     """
     from torchvision import transforms
 
@@ -115,8 +122,8 @@ def cifar_splits(root: str | os.PathLike, num_classes: int = 10, *, seed: int = 
         test = cls(str(Path(root).expanduser()), train=False, transform=transform, download=False)
     except Exception as error:  # a truncated or foreign file: name it rather than fail deep in pickle
         raise DataError(f'cannot read CIFAR-{num_classes} from {where}: {error}') from error
-    train, val = _split_train_val(_random_subset(pool, subset, seed), seed, val_fraction)
-    return Splits(train=train, val=val, test=_random_subset(test, subset, seed), num_classes=num_classes)
+    train, val = _split_train_val(pool, seed, val_fraction)
+    return _capped(Splits(train=train, val=val, test=test, num_classes=num_classes), subset, seed)
 
 
 def image_folder_splits(root: str | os.PathLike, *, image_size: int = 32, seed: int = 0, val_fraction: float = 0.5,
@@ -138,13 +145,13 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 32, seed: 
         data = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(f'cannot read image folder {path}: {error}') from error
-    data_ = _random_subset(data, subset, seed)
-    order = torch.randperm(len(data_), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = int(round(len(order) * test_fraction))
     if n_test == 0:
         raise DataError(f'test_fraction={test_fraction} of {len(order)} images in {path} leaves no test images.')
-    train, val = _split_train_val(Subset(data_, order[n_test:]), seed, val_fraction)
-    return Splits(train=train, val=val, test=Subset(data_, order[:n_test]), num_classes=len(data.classes))
+    train, val = _split_train_val(Subset(data, order[n_test:]), seed, val_fraction)
+    return _capped(Splits(train=train, val=val, test=Subset(data, order[:n_test]), num_classes=len(data.classes)),
+                   subset, seed)
 
 
 #: The ``data.name`` values of a config and what loads them.
@@ -153,9 +160,13 @@ DATASETS: Sequence[str] = ('digits', 'cifar10', 'cifar100', 'image_folder')
 
 def load_splits(name: str, *, root: str | None = None, seed: int = 0, val_fraction: float = 0.5,
                 subset: int | None = None, image_size: int = 32, grayscale: bool = False) -> Splits:
-    """The splits of dataset ``name`` (one of :data:`DATASETS`); ``root`` is the local folder of the files."""
+    """The splits of dataset ``name`` (one of :data:`DATASETS`); ``root`` is the local folder of the files.
+
+    ``subset``: keep at most this many examples (a random choice fixed by ``seed``) in each of train, val and test,
+    for quick runs and tests.
+    """
     if name == 'digits':
-        return digits_splits(seed)
+        return _capped(digits_splits(seed), subset, seed)
     if name not in DATASETS:
         raise DataError(f'unknown dataset {name!r}; expected one of {", ".join(DATASETS)}')
     if root is None:
