@@ -133,7 +133,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='nni-idarts', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='nni-idarts', description='iDARTS search -> export -> retrain, driven by a '
+                                     'YAML config (see examples/configs/).')
     commands = parser.add_subparsers(dest='command', required=True)
     search = commands.add_parser('search', help='search a space; writes TensorBoard logs, checkpoints, arch.json')
     search.add_argument('config', help='YAML config')
