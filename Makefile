@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Search the digits space, then retrain the exported architecture from scratch (writes runs/digits/).
 search: install
-	$(VENV)/bin/python examples/digits_search.py
+	$(VENV)/bin/nni-idarts search examples/configs/digits.yaml
+	$(VENV)/bin/nni-idarts retrain examples/configs/digits.yaml --arch runs/digits/arch.json
 
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

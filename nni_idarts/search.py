@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 import torch
-from nni.nas.evaluator.pytorch import Classification, DataLoader
+from nni.nas.evaluator.pytorch import Classification
 from nni.nas.experiment import NasExperiment
 from nni.nas.nn.pytorch import ModelSpace
 from torch.utils.data import Dataset
 
+from .checkpoint import AtomicCheckpointIO, resumable_loader
 from .strategy import IDartsStrategy
 
 
@@ -34,19 +37,37 @@ class SearchResult:
     strategy: IDartsStrategy = field(repr=False)
 
 
+class _ReportableAfterResume(pl.Callback):
+    """A search resumed from a checkpoint taken after its last batch trains no batch, so nothing logs
+    ``train_acc``, which NNI's evaluator reads in its ``on_fit_end`` (this hook runs just before it): report NaN."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if 'train_acc' not in trainer.callback_metrics:
+            trainer.callback_metrics['train_acc'] = torch.tensor(float('nan'))
+
+
 def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy, *,
            epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025, weight_decay: float = 3e-4,
            num_classes: int = 10, seed: int | None = 0, workdir: str | None = None,
-           trainer_kwargs: dict[str, Any] | None = None, shuffle: bool = True) -> SearchResult:
+           trainer_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | None = None,
+           checkpoint_dir: str | None = None, checkpoint_every_n_steps: int = 50,
+           resume_from: str | None = None, shuffle: bool = True) -> SearchResult:
     """Search ``model_space`` with ``strategy`` on the bilevel split (``train_data`` for w, ``val_data`` for a).
 
     The weights are trained with SGD (momentum 0.9) at ``learning_rate``; ``trainer_kwargs`` go to NNI's Lightning
     ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir`` holds NNI's experiment files (default: a
-    temporary folder, removed afterwards). ``shuffle=False`` keeps the datasets' order (e.g. to replay a given order).
+    temporary folder, removed afterwards).
+
+    ``tensorboard_dir``: write Lightning's TensorBoard logs there (the module's metrics, see
+    :class:`~nni_idarts.IDartsLightningModule`). ``checkpoint_dir``: save the whole search state (weights, alphas,
+    both optimizers, schedulers, loop and data positions) to ``last.ckpt`` there, atomically, whenever Lightning's
+    step count is a multiple of ``checkpoint_every_n_steps`` (it counts optimizer steps: a batch with an architecture
+    step counts two). ``resume_from``: a checkpoint to continue from; with the same arguments the resumed search
+    ends where an uninterrupted one would. ``shuffle=False`` keeps the datasets' order (e.g. to replay a given order).
 
     Data parallel: ``trainer_kwargs={'strategy': 'ddp', 'devices': N}`` (with ``accelerator`` as needed) runs the
-    search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning replaces
-    the samplers with ``DistributedSampler`` shards (shuffled with ``seed`` when ``shuffle`` is true).
+    search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning shards
+    the samplers across the ranks.
     """
     for name, data in (('train_data', train_data), ('val_data', val_data)):
         if hasattr(data, '__len__') and len(data) == 0:  # type: ignore[arg-type]
@@ -54,15 +75,29 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
                              'for the architecture.')
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=shuffle, generator=generator)
-    val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    data_seed = seed if seed is not None else int(torch.seed() % 2**31)
+    # The data order depends only on (seed, epoch) and the loaders checkpoint their position: see checkpoint.py.
+    train_loader = resumable_loader(train_data, batch_size=batch_size, seed=data_seed, shuffle=shuffle)
+    val_loader = resumable_loader(val_data, batch_size=batch_size, seed=data_seed + 1, shuffle=shuffle)
     kwargs: dict[str, Any] = {'accelerator': 'cpu', 'logger': False, 'enable_checkpointing': False}
-    kwargs.update(trainer_kwargs or {})
+    if tensorboard_dir is not None:
+        kwargs['logger'] = TensorBoardLogger(tensorboard_dir, name='', version='', default_hp_metric=False)
+    if checkpoint_dir is not None:
+        kwargs['enable_checkpointing'] = True
+        kwargs['callbacks'] = [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                               every_n_train_steps=checkpoint_every_n_steps)]
+        kwargs['plugins'] = [AtomicCheckpointIO()]
+    for key, value in (trainer_kwargs or {}).items():
+        kwargs[key] = kwargs.get(key, []) + list(value) if key in ('callbacks', 'plugins') else value
+    if resume_from is not None:
+        kwargs['callbacks'] = kwargs.get('callbacks', []) + [_ReportableAfterResume()]
     evaluator = Classification(
         train_dataloaders=train_loader, val_dataloaders=val_loader, num_classes=num_classes,
         learning_rate=learning_rate, weight_decay=weight_decay, optimizer=MomentumSGD, export_onnx=False,
         max_epochs=epochs, **kwargs)
+    if resume_from is not None:
+        # NNI's evaluator calls trainer.fit() without ckpt_path; this is Lightning's way to hand it one anyway.
+        evaluator.trainer.ckpt_path = resume_from
     experiment = NasExperiment(model_space, evaluator, strategy)
     with tempfile.TemporaryDirectory() as tmp:
         experiment.config.experiment_working_directory = workdir or tmp

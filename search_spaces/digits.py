@@ -61,11 +61,11 @@ class DigitsCell(nn.Module):
 
 
 class DigitsCellSpace(ModelSpace):
-    """The digits cell space: ``(N, 1, 8, 8)`` images in [0, 1] -> 10 logits."""
+    """The digits cell space: ``(N, 1, 8, 8)`` images in [0, 1] -> 10 logits (any size with ``in_channels``)."""
 
-    def __init__(self, channels: int = 16, num_cells: int = 2, num_classes: int = 10):
+    def __init__(self, channels: int = 16, num_cells: int = 2, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
         self.cells = nn.ModuleList([DigitsCell(channels) for _ in range(num_cells)])
         self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DistributedSampler, Subset
 
 from nni_idarts import IDartsStrategy
+from nni_idarts.checkpoint import SeededEpochSampler
 from nni_idarts.data import digits_splits
 from nni_idarts.search import search
 from search_probes import StepRecorder, TinySpace
@@ -30,9 +31,13 @@ SEED = 0
 WORLD_SIZE = 2
 
 
-def distributed_order(n: int) -> list[int]:
-    """The global sample order of epoch 0 that Lightning's DistributedSampler shards (rank r takes positions r::R)."""
-    return list(DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=SEED))
+def distributed_order(n: int, data_seed: int) -> list[int]:
+    """The global sample order of epoch 0 under DDP (rank r takes positions r::R of it).
+
+    search() shuffles with its own SeededEpochSampler(n, data_seed); under DDP Lightning wraps that sampler in a
+    DistributedSamplerWrapper, which permutes the sampler's epoch order once more with DistributedSampler(seed)."""
+    inner = list(SeededEpochSampler(n, data_seed))
+    return [inner[i] for i in DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=SEED)]
 
 
 class DesyncAlphas(pl.Callback):
@@ -55,10 +60,12 @@ def main(out_dir: str, mode: str, batch_size: int) -> None:
     if mode in ('ddp', 'ddp_warmup'):
         trainer_kwargs.update(strategy='ddp', devices=WORLD_SIZE, accelerator='cpu')
         trainer_kwargs['callbacks'].append(DesyncAlphas())
-        shuffle = True  # Lightning replaces the sampler by a DistributedSampler(shuffle=True, seed=SEED)
+        shuffle = True  # Lightning wraps search()'s sampler in a DistributedSamplerWrapper: see distributed_order
     elif mode == 'single':
         # Global batch t of the DDP run is positions [t*2b, (t+1)*2b) of distributed_order: replay that order.
-        train, val = Subset(train, distributed_order(len(train))), Subset(val, distributed_order(len(val)))
+        # (search() seeds the train loader with seed and the val loader with seed + 1.)
+        train = Subset(train, distributed_order(len(train), SEED))
+        val = Subset(val, distributed_order(len(val), SEED + 1))
         shuffle = False
     else:
         raise SystemExit(f'unknown mode {mode!r}')

@@ -1,0 +1,114 @@
+"""Checkpoints: atomic writes, the data position, and a search resumed after a mid-epoch kill ends exactly where an
+uninterrupted one does (CPU, fixed seed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from nni_idarts import IDartsStrategy
+from nni_idarts.checkpoint import AtomicCheckpointIO, atomic_write_json, resumable_loader
+from nni_idarts.data import digits_splits
+from nni_idarts.search import search
+from search_spaces import build_space
+
+TRAINER = {'enable_progress_bar': False, 'enable_model_summary': False}
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAtBatch(pl.Callback):
+    """Stops the search with an exception after its ``at``-th training batch (as a crash would)."""
+
+    def __init__(self, at: int):
+        self.at = at
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer, *args):
+        self.seen += 1
+        if self.seen == self.at:
+            raise Killed(f'killed after batch {self.seen}')
+
+
+def run_search(tmp_path, **kwargs) -> torch.Tensor:
+    splits = digits_splits(0)
+    train, val = Subset(splits.train, range(160)), Subset(splits.val, range(130))  # 5 batches/epoch; val cycles
+    pl.seed_everything(0, verbose=False)  # the supernet's weights
+    space = build_space('digits', in_channels=1, num_classes=10, channels=4, num_cells=1)
+    strategy = IDartsStrategy(inner_steps=2, K=1, arc_learning_rate=0.05)
+    trainer_kwargs = {**TRAINER, 'callbacks': kwargs.pop('callbacks', [])}
+    search(space, train, val, strategy, epochs=2, batch_size=32, workdir=str(tmp_path / 'nni'),
+           trainer_kwargs=trainer_kwargs, **kwargs)
+    return torch.cat([a.detach().flatten() for a in strategy.oneshot_module.arch_parameters()])
+
+
+def test_resume_after_mid_epoch_kill_ends_with_the_same_alphas(tmp_path):
+    uninterrupted = run_search(tmp_path)
+    assert uninterrupted.abs().max() > 0.02  # the alphas moved (NNI starts them at ~1e-3)
+
+    checkpoints = tmp_path / 'ckpt'
+    # 10 batches in all; killed after batch 7 (epoch 2, batch 2), so the last checkpoint is mid-epoch.
+    with pytest.raises(Killed):
+        run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=2,
+                   callbacks=[KillAtBatch(7)])
+    saved = torch.load(checkpoints / 'last.ckpt', weights_only=False)
+    batches_done = saved['loops']['fit_loop']['epoch_loop.batch_progress']['current']['processed']
+    assert saved['epoch'] == 1 and 0 < batches_done < 5, batches_done  # saved in the middle of the second epoch
+    assert len(saved['optimizer_states']) == 2  # weights (SGD) and alphas (Adam)
+
+    counter = KillAtBatch(at=-1)  # never kills; counts the batches trained
+    resumed = run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=2,
+                         resume_from=str(checkpoints / 'last.ckpt'), callbacks=[counter])
+    assert counter.seen == 5 - batches_done  # only the rest of the second epoch: it did resume, not restart
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_resumable_loader_continues_the_same_order():
+    data = TensorDataset(torch.arange(10))
+    whole = [batch[0].tolist() for batch in resumable_loader(data, batch_size=3, seed=5)]
+    first = resumable_loader(data, batch_size=3, seed=5)
+    it = iter(first)
+    head = [next(it)[0].tolist() for _ in range(2)]
+    state = first.state_dict()
+
+    second = resumable_loader(data, batch_size=3, seed=5)
+    second.load_state_dict(state)
+    tail = [batch[0].tolist() for batch in second]
+    assert head + tail == whole
+    assert sorted(sum(whole, [])) == list(range(10))
+    loader = resumable_loader(data, batch_size=3, seed=5)
+    loader.sampler.set_epoch(1)
+    assert [b[0].tolist() for b in loader] != whole  # a new permutation each epoch
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / 'last.ckpt'
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({'step': 1}, path)
+
+    def torn_save(obj, f):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', torn_save)
+    with pytest.raises(OSError, match='disk full'):
+        io.save_checkpoint({'step': 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {'step': 1}
+    assert [p.name for p in tmp_path.iterdir()] == ['last.ckpt']  # no temporary file left behind
+
+
+def test_json_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / 'arch.json'
+    atomic_write_json(path, {'a': 1})
+    monkeypatch.setattr(json, 'dumps', lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {'a': 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {'a': 1}
