@@ -17,6 +17,7 @@ from nni.nas.experiment import NasExperiment
 from nni.nas.nn.pytorch import ModelSpace
 from torch.utils.data import Dataset
 
+from .reporting import trial_parameters_preserved
 from .strategy import IDartsStrategy
 
 
@@ -58,7 +59,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     experiment = NasExperiment(model_space, evaluator, strategy)
     with tempfile.TemporaryDirectory() as tmp:
         experiment.config.experiment_working_directory = workdir or tmp
-        experiment.run()
+        with trial_parameters_preserved():  # inside an NNI trial, keep the trial's parameters current
+            experiment.run()
         arch = experiment.export_top_models(formatter='dict')[0]
     probs = strategy.oneshot_module.export_probs()
     return SearchResult(arch=arch, probs={k: {c: float(p) for c, p in v.items()} for k, v in probs.items()},
