@@ -28,6 +28,7 @@ import tempfile
 from typing import Any, Mapping, Sequence
 
 import nni
+import torch
 from search_spaces.digits import DigitsCellSpace
 
 from .data import digits_splits
@@ -158,6 +159,9 @@ def run_trial(config: TrialConfig, out_dir: str) -> dict[str, Any]:
                    trainer_kwargs=quiet)
     write_json_atomic(os.path.join(out_dir, 'arch.json'), found.arch)  # kept even if the retraining fails
 
+    # retrain() seeds only its training, after the model's weights are drawn: seed those too, so a trial's final
+    # result depends on its parameters only.
+    torch.manual_seed(config.seed)
     # NNI's evaluator module would report the retraining as a final result of its own; the trial reports it below.
     with outside_trial():
         retrained = retrain(DigitsCellSpace(channels=config.channels, num_cells=config.num_cells), found.arch,
