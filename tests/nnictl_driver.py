@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -68,19 +69,78 @@ def tail(path: str, lines: int = 40) -> str:
         return ''
 
 
-def screenshot(port: int, route: str, path: str) -> str:
-    """Headless Chromium's picture of the web UI page ``route``; returns Chromium's output."""
+def screenshot(port: int, path: str, tab: str = 'Intermediate result') -> str:
+    """Headless Chromium's picture of the web UI's trial page with ``tab`` open; returns a short log.
+
+    Chromium is driven over its DevTools protocol (on loopback, in this namespace) to click the tab, since
+    ``--screenshot`` alone cannot.
+    """
+    import base64
+
+    from websockets.sync.client import connect
+
     chromium = shutil.which('chromium') or shutil.which('chromium-browser')
     if chromium is None:
         return 'chromium not found'
-    profile = os.path.join(os.path.dirname(os.path.abspath(path)), '.chromium-profile')
-    command = [chromium, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-               '--disable-component-update', '--no-first-run', f'--user-data-dir={profile}',
-               '--hide-scrollbars', '--window-size=1400,900', '--virtual-time-budget=15000',
-               f'--screenshot={path}', f'http://127.0.0.1:{port}/{route}']
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return done.stdout + done.stderr
+    profile = tempfile.mkdtemp(prefix='chromium-profile-')
+    devtools_port = port + 1
+    browser = subprocess.Popen(
+        [chromium, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+         '--disable-component-update', '--no-first-run', f'--user-data-dir={profile}', '--hide-scrollbars',
+         '--window-size=1400,1250', f'--remote-debugging-port={devtools_port}', 'about:blank'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = []
+    try:
+        pages: list = []
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f'http://127.0.0.1:{devtools_port}/json/list', timeout=2) as r:
+                    pages = [p for p in json.load(r) if p.get('type') == 'page']
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        with connect(pages[0]['webSocketDebuggerUrl'], max_size=None) as ws:
+            ids = iter(range(1, 10**6))
+
+            def call(method: str, **params: Any) -> Any:
+                number = next(ids)
+                ws.send(json.dumps({'id': number, 'method': method, 'params': params}))
+                while True:
+                    message = json.loads(ws.recv(timeout=60))
+                    if message.get('id') == number:
+                        return message.get('result', {})
+
+            def evaluate(expression: str) -> Any:
+                return call('Runtime.evaluate', expression=expression, returnByValue=True)['result'].get('value')
+
+            def wait_for(expression: str, seconds: float = 30) -> bool:
+                deadline = time.time() + seconds
+                while time.time() < deadline:
+                    if evaluate(expression):
+                        return True
+                    time.sleep(0.5)
+                return False
+
+            call('Page.navigate', url=f'http://127.0.0.1:{port}/detail')
+            loaded = wait_for('document.body.innerText.includes("SUCCEEDED")')
+            log.append(f'trial table loaded: {loaded}')
+            clicked = evaluate(
+                '(() => { const t = [...document.querySelectorAll("button, [role=tab], span")]'
+                f'.find(e => e.textContent.trim() === {json.dumps(tab)});'
+                ' if (!t) return false; (t.closest("button") || t).click(); return true; })()')
+            log.append(f'clicked {tab!r}: {clicked}')
+            time.sleep(3)  # the chart animates in
+            png = call('Page.captureScreenshot', format='png')['data']
+        with open(path, 'wb') as f:
+            f.write(base64.b64decode(png))
+        log.append(f'wrote {path}')
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+        shutil.rmtree(profile, ignore_errors=True)
+    return '\n'.join(log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if result['status'] != 'DONE':
             result['manager_log_tail'] = tail(os.path.join(experiment_dir, 'log', 'nnimanager.log'))
         if args.screenshot:
-            result['screenshot_output'] = screenshot(args.port, 'detail', args.screenshot)[-2000:]
+            result['screenshot_output'] = screenshot(args.port, args.screenshot)
         return 0
     finally:
         if experiment_id is not None:
