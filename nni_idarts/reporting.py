@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Any, Iterator, Mapping
 
 import nni
@@ -41,9 +42,16 @@ class TrialReporter:
     @classmethod
     def capture(cls) -> 'TrialReporter | None':
         """The reporter of the current NNI trial, or ``None`` outside one or before ``nni.get_next_parameter()``."""
-        if not in_nni_trial() or nni.trial._params is None:
+        record = nni.trial._params
+        if not in_nni_trial() or record is None:
             return None
-        return cls(get_default_trial_command_channel(), nni.trial._params)
+        if not isinstance(record.get('parameters'), Mapping):
+            # Not the tuner's record but one a previous NasExperiment left behind (see the module docstring):
+            # reporting with it would credit the metrics to another parameter set.
+            warnings.warn('Not reporting this search to NNI: the current NNI parameters were replaced by an earlier '
+                          'NasExperiment. Run searches through nni_idarts.search.search, which keeps them.')
+            return None
+        return cls(get_default_trial_command_channel(), record)
 
     @contextlib.contextmanager
     def _as_current(self) -> Iterator[None]:

@@ -36,6 +36,7 @@ def fake_trial(monkeypatch, parameters: Any = None, *, in_trial: bool = True) ->
         monkeypatch.setenv('NNI_PLATFORM', 'local')
     else:
         monkeypatch.delenv('NNI_PLATFORM', raising=False)
+    monkeypatch.setattr(nni.trial, '_intermediate_seq', 0)  # as in a fresh trial process
     set_default_trial_command_channel(channel)
     try:
         yield channel

@@ -2,8 +2,9 @@
 
 Meant to run inside a network namespace that has only loopback (NNI's manager listens on every interface), e.g.
 
-    unshare -n sh -c 'ip link set lo up && exec python tests/nnictl_driver.py --workdir /tmp/x --result /tmp/x/r.json'
+    unshare -n python tests/nnictl_driver.py --workdir /tmp/x --result /tmp/x/r.json
 
+(a new network namespace's loopback is down; the driver brings it up).
 The experiment directory, the config copy and ``HOME`` (nnictl keeps its experiment registry there) all live in
 ``--workdir``. The driver polls ``/api/v1/nni/check-status`` until the experiment is DONE (or fails or times out),
 writes the trials, metrics, per-trial ``arch.json``/``result.json`` and, on failure, log tails to ``--result``,
@@ -30,6 +31,19 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, 'examples', 'nnictl')
 FINISHED = ('DONE', 'STOPPED', 'ERROR')  # NO_MORE_TRIAL: all submitted, the last still running
+
+
+def bring_up_loopback() -> None:
+    """``ip link set lo up`` without iproute2 (a no-op where ``lo`` is up already)."""
+    import fcntl
+    import socket
+    import struct
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack('16sH22x', b'lo', 0)  # struct ifreq: the name, then the flags
+        flags = struct.unpack('16sH22x', fcntl.ioctl(sock, siocgifflags, ifreq))[1]
+        if not flags & iff_up:
+            fcntl.ioctl(sock, siocsifflags, struct.pack('16sH22x', b'lo', flags | iff_up))
 
 
 def prepare_config(workdir: str, python: str, max_trials: int | None) -> str:
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--screenshot', default=None, help='PNG of the web UI trial page once the trials are done')
     args = parser.parse_args(argv)
 
+    bring_up_loopback()
     workdir = os.path.abspath(args.workdir)
     os.makedirs(os.path.join(workdir, 'home'), exist_ok=True)
     config = prepare_config(workdir, args.python, args.max_trials)

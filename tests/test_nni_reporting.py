@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from nni_idarts import IDartsStrategy
 from nni_idarts.data import digits_splits
+from nni_idarts.reporting import TrialReporter
 from nni_idarts.search import search
 from search_spaces.digits import DigitsCellSpace
 from tests.fake_nni_trial import fake_trial
@@ -66,3 +67,13 @@ def test_search_outside_a_trial_reports_nothing(monkeypatch):
         _search(strategy, epochs=1)
     assert strategy.oneshot_module.nni_trial is None
     assert channel.sent == []
+
+
+def test_no_reporting_with_parameters_left_behind_by_an_earlier_nas_experiment(monkeypatch):
+    with fake_trial(monkeypatch) as channel:
+        nni.get_next_parameter()
+        assert TrialReporter.capture().record['parameter_id'] == channel.parameter_id
+        # What NasExperiment's engine leaves as the current record: its model, under parameter id 0.
+        monkeypatch.setattr(nni.trial, '_params', {'parameter_id': 0, 'parameters': DigitsCellSpace(channels=4)})
+        with pytest.warns(UserWarning, match='replaced by an earlier NasExperiment'):
+            assert TrialReporter.capture() is None

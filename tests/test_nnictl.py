@@ -44,8 +44,7 @@ def test_nnictl_experiment_runs_idarts_trials_to_done(tmp_path):
     if reason:
         pytest.skip(reason)
     result_file = tmp_path / 'result.json'
-    command = ['unshare', '-n', 'sh', '-c', 'ip link set lo up && exec "$0" "$@"',
-               sys.executable, os.path.join(REPO, 'tests', 'nnictl_driver.py'),
+    command = ['unshare', '-n', sys.executable, os.path.join(REPO, 'tests', 'nnictl_driver.py'),
                '--workdir', str(tmp_path), '--result', str(result_file), '--max-trials', str(TRIALS),
                '--timeout', '240']
     driver = subprocess.run(command, capture_output=True, text=True, timeout=330)
