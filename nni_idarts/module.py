@@ -201,7 +201,6 @@ class IDartsLightningModule(DartsLightningModule):
         arc_optim.step()
         self.log('hypergradient_norm', norm.float())
 
-
     # ----- reporting to an NNI trial -----
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
