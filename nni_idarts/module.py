@@ -39,6 +39,7 @@ from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from torch.nn.parallel import DistributedDataParallel
 
 from . import hypergradient
+from .reporting import TrialReporter, nni_metric
 
 #: The values of the ``hypergradient`` option and what each computes.
 HYPERGRADIENTS = ('implicit', 'unrolled', 'first_order')
@@ -59,6 +60,11 @@ class IDartsLightningModule(DartsLightningModule):
     one weight step on its ``train`` part; every ``inner_steps``-th batch (counted within the epoch, starting
     with the first) first makes an architecture step, whose hypergradient uses the ``val`` part for L_val and the
     ``train`` part for L_train. With ``inner_steps=1`` and ``hypergradient='first_order'`` this is exactly NNI's DARTS.
+
+    Inside an NNI trial (``nnictl create``) the module reports to the trial by itself: after every epoch the epoch
+    means of its logged metrics as an intermediate result (``'default'``: the validation accuracy of the
+    architecture steps, or the evaluator's single metric), and, if ``report_final_result``, the last of them as the
+    final result. Outside a trial it reports nothing. See :mod:`nni_idarts.reporting`.
     """
 
     def __init__(self, training_module: nn.Module, *,
@@ -70,7 +76,8 @@ class IDartsLightningModule(DartsLightningModule):
                  gradient_clip_val: float | None = None,
                  log_prob_every_n_step: int = 10,
                  warmup_epochs: int = 0,
-                 max_nonfinite_steps: int = 10):
+                 max_nonfinite_steps: int = 10,
+                 report_final_result: bool = True):
         super().__init__(training_module,  # type: ignore[arg-type]
                          arc_learning_rate=arc_learning_rate,
                          gradient_clip_val=gradient_clip_val,
@@ -86,6 +93,11 @@ class IDartsLightningModule(DartsLightningModule):
         self._nonfinite_weight_in_a_row = 0   # weight steps
         self._nonfinite_weight_total = 0
         self._batches_checked = False
+        self.report_final_result = report_final_result
+        # Captured now, while NasExperiment's engine has not yet replaced the trial's channel with its own.
+        self.nni_trial = TrialReporter.capture()
+        self._epoch_sums: dict[str, list[float]] = {}   # metric name -> [sum, count] over this epoch
+        self._last_nni_metric: dict[str, float] | None = None
 
     # ----- the parameters of the two levels -----
 
@@ -338,6 +350,46 @@ class IDartsLightningModule(DartsLightningModule):
             alpha.grad = grad.detach().to(alpha.dtype)
         arc_optim.step()
         self.log('hypergradient_norm', norm.float())
+
+    # ----- reporting to an NNI trial -----
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        # The evaluator's own logging is redirected here too (NNI's one-shot setup), so this sees every metric.
+        super().log(name, value, *args, **kwargs)
+        if self.nni_trial is not None and '/' not in name:  # skip the per-choice 'prob/...' entries
+            scalar = float(value.detach()) if isinstance(value, torch.Tensor) else value
+            if isinstance(scalar, (int, float)):
+                total = self._epoch_sums.setdefault(name, [0.0, 0])
+                total[0] += float(scalar)
+                total[1] += 1
+
+    def nni_default_metric(self) -> str:
+        """The key of NNI's ``'default'`` metric: like NNI's SupervisedLearningModule, the single metric on validation."""
+        metrics = getattr(self.training_module, 'metrics', None) or {}
+        return f'val_{next(iter(metrics))}' if len(metrics) == 1 else 'val_loss'
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums = {}
+        return super().on_train_epoch_start()
+
+    def on_train_epoch_end(self) -> None:
+        result = super().on_train_epoch_end()
+        if self.nni_trial is not None and self.trainer.is_global_zero:
+            means = {name: total / count for name, (total, count) in self._epoch_sums.items() if count}
+            # None in an epoch without architecture steps (warm-up): there is no validation metric to report.
+            metric = nni_metric(means, self.nni_default_metric())
+            if metric is not None:
+                self.nni_trial.report_intermediate(metric)
+                self._last_nni_metric = metric
+        return result
+
+    def on_fit_end(self) -> None:
+        # The evaluator's module reports its own final result here too, but to NasExperiment's engine, not the trial.
+        result = super().on_fit_end()
+        if (self.nni_trial is not None and self.report_final_result and self.trainer.is_global_zero
+                and self._last_nni_metric is not None):
+            self.nni_trial.report_final(self._last_nni_metric)
+        return result
 
 
 def _structure(batch: Any) -> Any:

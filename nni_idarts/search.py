@@ -20,6 +20,7 @@ from nni.nas.nn.pytorch import ModelSpace
 from torch.utils.data import Dataset
 
 from .checkpoint import AtomicCheckpointIO, resumable_loader
+from .reporting import trial_parameters_preserved
 from .strategy import IDartsStrategy
 
 
@@ -102,7 +103,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     with tempfile.TemporaryDirectory() as tmp:
         experiment.config.experiment_working_directory = workdir or tmp
         try:
-            experiment.run()
+            with trial_parameters_preserved():  # inside an NNI trial, keep the trial's parameters current
+                experiment.run()
             arch = experiment.export_top_models(formatter='dict')[0]
         finally:
             # NNI leaves a finished experiment running until atexit; stop it while its folder still exists.

@@ -50,6 +50,10 @@ class IDartsStrategy(DARTS):
         A non-finite loss or hypergradient skips its architecture step, a non-finite training loss or weight gradient
         its weight step (counted in the logged ``nonfinite_arch_steps`` / ``nonfinite_weight_steps``); this many
         skips of one kind in a row stop the search with :class:`~nni_idarts.NonFiniteStepError`.
+    report_final_result
+        Inside an NNI trial, the search reports its per-epoch metrics as intermediate results and, if this is true,
+        the last epoch's as the trial's final result. Set it to False when the trial reports its own final result
+        (as :mod:`nni_idarts.trial` does after retraining), so that the trial reports exactly one.
     **kwargs
         Passed to :class:`~nni.nas.strategy.DARTS` (e.g. ``mutation_hooks``).
     """
@@ -57,7 +61,7 @@ class IDartsStrategy(DARTS):
     def __init__(self, *, hypergradient: str = 'implicit', K: int = 2, gamma: float | None = None,
                  inner_steps: int = 5, arc_learning_rate: float = 3.0e-4, gradient_clip_val: float | None = None,
                  log_prob_every_n_step: int = 10, warmup_epochs: int = 0, max_nonfinite_steps: int = 10,
-                 **kwargs: Any):
+                 report_final_result: bool = True, **kwargs: Any):
         if 'penalty' in kwargs:
             raise ValueError('IDartsStrategy does not support the `penalty` option of NNI DARTS.')
         if hypergradient not in HYPERGRADIENTS:
@@ -78,6 +82,7 @@ class IDartsStrategy(DARTS):
         self.gamma = gamma
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.report_final_result = report_final_result
 
     def mutate_model(self, model: ModelSpace) -> ModelSpace:
         # Without this check NNI fails only when Lightning configures the optimizers, with a less specific message.
@@ -108,6 +113,7 @@ class IDartsStrategy(DARTS):
             log_prob_every_n_step=self.log_prob_every_n_step,
             warmup_epochs=self.warmup_epochs,
             max_nonfinite_steps=self.max_nonfinite_steps,
+            report_final_result=self.report_final_result,
         )
 
     def __repr__(self) -> str:
