@@ -31,7 +31,10 @@ def _run(space: ModelSpace, evaluator: Lightning, tmp_path, **options) -> IDarts
     strategy = IDartsStrategy(inner_steps=1, **options)
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str(tmp_path)
-    experiment.run()
+    try:
+        experiment.run()
+    finally:
+        experiment.stop()  # else NNI stops it at exit, logging into streams pytest has closed
     return strategy
 
 

@@ -83,8 +83,11 @@ def test_space_works_with_nni_darts(name, tmp_path):
                                max_epochs=1, accelerator='cpu', logger=False, enable_checkpointing=False, **TRAINER)
     experiment = NasExperiment(space, evaluator, NniDarts())
     experiment.config.experiment_working_directory = str(tmp_path)
-    experiment.run()
-    arch = experiment.export_top_models(formatter='dict')[0]
+    try:
+        experiment.run()
+        arch = experiment.export_top_models(formatter='dict')[0]
+    finally:
+        experiment.stop()  # else NNI stops it at exit, logging into streams pytest has closed
     fresh = build_space(name, in_channels=3, num_classes=4, **TINY[name])
     check_arch(arch, fresh, name)
     assert fixed_model(fresh, arch)(data.tensors[0][:2]).shape == (2, 4)
