@@ -27,6 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, write: Any) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results and checkpoints are meant to be read
         with os.fdopen(fd, 'wb') as file:
             write(file)
             file.flush()

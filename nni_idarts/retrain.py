@@ -27,8 +27,18 @@ class RetrainResult:
 
 
 def fixed_model(model_space: ModelSpace, arch: dict[str, Any]) -> nn.Module:
-    """The model of ``arch`` in ``model_space`` (a fresh, unsearched space), with freshly initialised weights."""
-    return model_space.freeze(arch)
+    """The model of ``arch`` in ``model_space`` (NNI's ``freeze``), with freshly initialised weights.
+
+    ``freeze`` copies the space's weights for the chosen ops; every module's own ``reset_parameters`` draws new ones
+    from torch's random state, so retraining starts from scratch, and from the same weights under the same seed,
+    whether the space was searched, or built under another random state.
+    """
+    model = model_space.freeze(arch)
+    for module in model.modules():
+        reset = getattr(module, 'reset_parameters', None)
+        if callable(reset):
+            reset()
+    return model
 
 
 def train_and_evaluate(model: nn.Module, train_data: Dataset, eval_data: Dataset, *, epochs: int = 20,
@@ -54,5 +64,11 @@ def train_and_evaluate(model: nn.Module, train_data: Dataset, eval_data: Dataset
 
 def retrain(model_space: ModelSpace, arch: dict[str, Any], train_data: Dataset, eval_data: Dataset,
             **kwargs: Any) -> RetrainResult:
-    """Build ``arch`` from ``model_space`` and :func:`train_and_evaluate` it from scratch."""
+    """Build ``arch`` from ``model_space`` and :func:`train_and_evaluate` it from scratch.
+
+    With ``seed`` (default 0) the fresh weights are seeded too, so the result depends on the arguments only.
+    """
+    seed = kwargs.get('seed', 0)
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
     return train_and_evaluate(fixed_model(model_space, arch), train_data, eval_data, **kwargs)

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import nni
-import torch
 from search_spaces.digits import DigitsCellSpace
 
+from .checkpoint import atomic_write_json
 from .data import digits_splits
 from .module import HYPERGRADIENTS
 from .reporting import outside_trial
@@ -123,24 +121,6 @@ def trial_config(parameters: Mapping[str, Any] | None) -> TrialConfig:
     return TrialConfig(**{name: _convert(name, value) for name, value in parameters.items()})
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write ``data`` as JSON so that ``path`` holds either its old content or all of the new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is meant to be read
-        with os.fdopen(fd, 'w') as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def output_dir(override: str | None = None) -> str:
     """Where the trial writes: ``override``, else NNI's per-trial output directory, else a folder per trial id."""
     return override or os.environ.get('NNI_OUTPUT_DIR') or os.path.join('nni-idarts-trials', nni.get_trial_id())
@@ -157,11 +137,8 @@ def run_trial(config: TrialConfig, out_dir: str) -> dict[str, Any]:
                    strategy, epochs=config.epochs, batch_size=config.batch_size,
                    learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=config.seed,
                    trainer_kwargs=quiet)
-    write_json_atomic(os.path.join(out_dir, 'arch.json'), found.arch)  # kept even if the retraining fails
+    atomic_write_json(os.path.join(out_dir, 'arch.json'), found.arch)  # kept even if the retraining fails
 
-    # retrain() seeds only its training, after the model's weights are drawn: seed those too, so a trial's final
-    # result depends on its parameters only.
-    torch.manual_seed(config.seed)
     # NNI's evaluator module would report the retraining as a final result of its own; the trial reports it below.
     with outside_trial():
         retrained = retrain(DigitsCellSpace(channels=config.channels, num_cells=config.num_cells), found.arch,
@@ -171,7 +148,7 @@ def run_trial(config: TrialConfig, out_dir: str) -> dict[str, Any]:
     final = {'default': retrained.accuracy, 'val_loss': retrained.loss,
              'num_parameters': float(retrained.num_parameters)}
     result = {'parameters': dataclasses.asdict(config), 'arch': found.arch, 'probs': found.probs, 'final': final}
-    write_json_atomic(os.path.join(out_dir, 'result.json'), result)
+    atomic_write_json(os.path.join(out_dir, 'result.json'), result)
     nni.report_final_result(final)
     return result
 

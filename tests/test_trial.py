@@ -76,7 +76,7 @@ def test_trial_reports_each_search_epoch_and_the_retrained_accuracy_once(monkeyp
 
     config = TrialConfig(**parameters)
     splits = digits_splits(config.seed)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + 12345)  # retrain() seeds the fixed model's weights itself: other RNG state is fine
     again = retrain(DigitsCellSpace(channels=config.channels, num_cells=config.num_cells), arch, splits.train,
                     splits.val, epochs=config.retrain_epochs, batch_size=config.batch_size,
                     learning_rate=config.retrain_learning_rate, weight_decay=config.weight_decay, seed=config.seed,
@@ -84,12 +84,3 @@ def test_trial_reports_each_search_epoch_and_the_retrained_accuracy_once(monkeyp
     assert final[0]['value']['default'] == pytest.approx(again.accuracy)
     assert final[0]['value']['num_parameters'] == again.num_parameters
     assert not list(out.glob('.*.tmp'))  # the atomic writes left no temporary files
-
-
-def test_write_json_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
-    path = tmp_path / 'arch.json'
-    trial.write_json_atomic(str(path), {'edge_0_1': 'conv_3x3'})
-    with pytest.raises(TypeError):
-        trial.write_json_atomic(str(path), {'edge_0_1': object()})  # not JSON-serialisable, fails mid-write
-    assert json.loads(path.read_text()) == {'edge_0_1': 'conv_3x3'}
-    assert [p.name for p in tmp_path.iterdir()] == ['arch.json']
