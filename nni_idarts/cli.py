@@ -155,14 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .arch import ArchError
     from .config import ConfigError
     from .data import DataError
-    from .module import NonFiniteHypergradientError
+    from .module import NonFiniteStepError
 
     try:
         return args.run(args)
     except (ConfigError, ArchError, DataError, InputError) as error:
         print(f'nni-idarts {args.command}: {error}', file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFiniteHypergradientError as error:
+    except NonFiniteStepError as error:  # also NonFiniteHypergradientError, its subclass
         print(f'nni-idarts {args.command}: search stopped: {error}', file=sys.stderr)
         return 1
 
