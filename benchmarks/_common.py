@@ -28,7 +28,10 @@ def quiet(threads: int = 1) -> None:
 
 
 def command_line() -> str:
-    return ' '.join(['python', *sys.argv])
+    """The command as one would type it: ``python -m benchmarks.<script> <args>`` (argv[0] is the file's path)."""
+    script = Path(sys.argv[0])
+    head = f'python -m benchmarks.{script.stem}' if script.parent.name == 'benchmarks' else f'python {script}'
+    return ' '.join([head, *sys.argv[1:]])
 
 
 def machine() -> dict[str, Any]:

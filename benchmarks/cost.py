@@ -49,10 +49,12 @@ REFERENCE = 'nni_darts'
 COST_MODES = ('nni_darts', 'nni_gumbel_darts', 'first_order', 'unrolled', 'idarts_K1', 'idarts_K2', 'idarts_K5')
 
 #: The fidelity problem. ``samples``: how many train/val images make the full batches (None: all 719).
-FIDELITY = {'channels': 3, 'num_cells': 1, 'weight_steps': 300, 'lbfgs_steps': 2000, 'samples': 360, 'max_k': 20000}
-FIDELITY_QUICK = {'channels': 2, 'num_cells': 1, 'weight_steps': 100, 'lbfgs_steps': 200, 'samples': 96, 'max_k': 2000}
+#: ``weight_decay``: the L2 term of L_train (default: the search's).
+FIDELITY = {'channels': 3, 'num_cells': 1, 'weight_steps': 300, 'lbfgs_steps': 2000, 'samples': 360, 'max_k': 20000,
+            'weight_decay': SHARED['weight_decay']}
+FIDELITY_QUICK = {'channels': 2, 'num_cells': 1, 'weight_steps': 100, 'lbfgs_steps': 200, 'samples': 96, 'max_k': 2000,
+                  'weight_decay': SHARED['weight_decay']}
 FIDELITY_WEIGHT_LR = SHARED['learning_rate']        # the gamma of the paper
-FIDELITY_WEIGHT_DECAY = SHARED['weight_decay']
 FIDELITY_K = tuple(range(11))
 
 
@@ -192,7 +194,7 @@ def _fidelity_problem(config: dict[str, Any], seed: int = 0):
                            for t in d.tensors] for d in (splits.train, splits.val))
 
     def train_loss():
-        return F.cross_entropy(supernet(xt), yt) + 0.5 * FIDELITY_WEIGHT_DECAY * sum((w * w).sum() for w in weights)
+        return F.cross_entropy(supernet(xt), yt) + 0.5 * config['weight_decay'] * sum((w * w).sum() for w in weights)
 
     def val_loss():
         return F.cross_entropy(supernet(xv), yv)
@@ -284,7 +286,7 @@ def measure_fidelity(config: dict[str, Any] = FIDELITY) -> dict[str, Any]:
     unrolled = cos(_flat(hg.unrolled(train_loss, val_loss, weights, alphas, lr=FIDELITY_WEIGHT_LR)))
     first_order = cos(g_a)
     return {'config': config, 'num_weights': n,
-            'weight_decay': FIDELITY_WEIGHT_DECAY, 'train_grad_norm_after_training': train_grad_norm,
+            'train_grad_norm_after_training': train_grad_norm,
             'hessian_eigenvalues': {'min': lam_min, 'max': lam_max, 'negative': int((eigenvalues < 0).sum()),
                                     'condition': lam_max / lam_min if lam_min > 0 else float('inf')},
             'neumann': curves, 'unrolled_cosine': unrolled, 'unrolled_lr': FIDELITY_WEIGHT_LR,
@@ -346,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds of all modes (default 3)')
     parser.add_argument('--out', type=Path, default=None, help=f'results file (default: {DEFAULT_OUT}, plot beside it)')
     parser.add_argument('--skip-cost', action='store_true', help='fidelity only')
+    parser.add_argument('--fidelity-weight-decay', type=float, default=None,
+                        help=f'L2 weight decay in L_train of the fidelity problem (default {SHARED["weight_decay"]})')
     parser.add_argument('--child', choices=COST_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -361,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {'command': command_line(), 'commit': git_commit(), 'machine_at_start': machine()}
     if not args.skip_cost:
         result['cost'] = measure_costs(1 if args.quick else args.rounds, args.quick)
-    result['fidelity'] = measure_fidelity(FIDELITY_QUICK if args.quick else FIDELITY)
+    fidelity_config = dict(FIDELITY_QUICK if args.quick else FIDELITY)
+    if args.fidelity_weight_decay is not None:
+        if not args.fidelity_weight_decay >= 0:
+            parser.error('--fidelity-weight-decay must be >= 0')
+        fidelity_config['weight_decay'] = args.fidelity_weight_decay
+    result['fidelity'] = measure_fidelity(fidelity_config)
     plot_fidelity(result['fidelity'], out.with_suffix('.png'))
     result['machine_at_end'] = machine()
     result['wall_seconds'] = time.perf_counter() - start

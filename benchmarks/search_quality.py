@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scored = [score(truth, r) for r in runs] + [score(truth, random_search(truth, s, budget)) for s in seeds]
     summary = summarise(scored)
     write_json(out, {'command': command_line(), 'commit': git_commit(), 'config': config, 'seeds': seeds,
-                     'ground_truth': str(args.table), 'best_test_acc': truth.best_test_acc,
+                     'ground_truth': os.path.relpath(args.table), 'best_test_acc': truth.best_test_acc,
                      'random_budget_cpu_seconds': budget, 'machine': machine(),
                      'wall_seconds_this_run': time.perf_counter() - start, 'summary': summary, 'runs': scored})
     print(markdown(summary))
