@@ -17,6 +17,7 @@ import torch
 from nni.nas.evaluator.pytorch import Classification
 from nni.nas.experiment import NasExperiment
 from nni.nas.nn.pytorch import ModelSpace
+from nni.nas.strategy import DARTS
 from torch.utils.data import Dataset
 
 from .checkpoint import AtomicCheckpointIO, resumable_loader
@@ -35,7 +36,7 @@ class MomentumSGD(torch.optim.SGD):
 class SearchResult:
     arch: dict[str, Any]                     #: label -> chosen value, as NNI exports it
     probs: dict[str, dict[Any, float]]       #: label -> {value: probability} at the end of the search
-    strategy: IDartsStrategy = field(repr=False)
+    strategy: DARTS = field(repr=False)      #: the strategy that ran (an IDartsStrategy or any NNI DARTS-family one)
 
 
 class _ReportableAfterResume(pl.Callback):
@@ -47,7 +48,7 @@ class _ReportableAfterResume(pl.Callback):
             trainer.callback_metrics['train_acc'] = torch.tensor(float('nan'))
 
 
-def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy, *,
+def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy | DARTS, *,
            epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025, weight_decay: float = 3e-4,
            num_classes: int = 10, seed: int | None = 0, workdir: str | None = None,
            trainer_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | None = None,
@@ -57,7 +58,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
 
     The weights are trained with SGD (momentum 0.9) at ``learning_rate``; ``trainer_kwargs`` go to NNI's Lightning
     ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir`` holds NNI's experiment files (default: a
-    temporary folder, removed afterwards).
+    temporary folder, removed afterwards). ``strategy`` may also be one of NNI's own DARTS-family strategies
+    (``DARTS``, ``GumbelDARTS``), so that baselines run through exactly the same evaluator and experiment.
 
     ``tensorboard_dir``: write Lightning's TensorBoard logs there (the module's metrics, see
     :class:`~nni_idarts.IDartsLightningModule`). ``checkpoint_dir``: save the whole search state (weights, alphas,
