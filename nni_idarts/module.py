@@ -57,7 +57,7 @@ class IDartsLightningModule(DartsLightningModule):
     """One-shot module of :class:`~nni_idarts.IDartsStrategy`. See the strategy for the meaning of the options.
 
     Each training batch is a dict ``{'train': ..., 'val': ...}`` (NNI's DARTS combined loader). Every batch makes
-    one weight step on its ``train`` part; every ``inner_steps``-th batch (counted within the epoch, starting
+    one weight step on its ``train`` part; every ``inner_steps``-th batch (counted over the whole search, starting
     with the first) first makes an architecture step, whose hypergradient uses the ``val`` part for L_val and the
     ``train`` part for L_train. With ``inner_steps=1`` and ``hypergradient='first_order'`` this is exactly NNI's DARTS.
 
@@ -257,7 +257,9 @@ class IDartsLightningModule(DartsLightningModule):
             _check_same_structure(batch['train'], batch['val'])
             self._batches_checked = True
         warmed_up = self.trainer.current_epoch >= self.warmup_epochs
-        if warmed_up and batch_idx % self.inner_steps == 0:
+        # Batches are counted over the whole search (Lightning's progress, which a resumed run restores), not within
+        # the epoch: so there are always inner_steps weight steps between two architecture steps, across epoch ends.
+        if warmed_up and self.trainer.fit_loop.epoch_loop.total_batch_idx % self.inner_steps == 0:
             self.architecture_step(batch['train'], batch['val'], batch_idx)
 
         self.resample()

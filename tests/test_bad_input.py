@@ -83,17 +83,6 @@ class TwoOptimizerModule(ClassificationModule):
         return [torch.optim.SGD(rest, lr=0.1), torch.optim.SGD(head, lr=0.1)]
 
 
-def test_evaluator_with_several_optimizers_is_refused_before_any_step(digits, tmp_path) -> None:
-    recorder = StepRecorder()
-    train, val = digits
-    evaluator = Lightning(TwoOptimizerModule(num_classes=10, export_onnx=False),
-                          Trainer(callbacks=[recorder], **TRAINER),
-                          train_dataloaders=DataLoader(train, batch_size=8), val_dataloaders=DataLoader(val, batch_size=8))
-    with pytest.raises(ValueError, match='exactly one weight optimizer in the evaluator, found 2'):
-        _run(TinySpace(), evaluator, tmp_path)
-    assert recorder.steps == []
-
-
 @pytest.mark.parametrize('empty', ['train', 'val'])
 def test_empty_dataloader_is_refused(digits, tmp_path, empty: str) -> None:
     train, val = digits
@@ -131,12 +120,15 @@ class ManualOptimizationModule(ClassificationModule):
         pass
 
 
-def test_evaluator_with_manual_optimization_is_refused_before_any_step(digits, tmp_path) -> None:
+@pytest.mark.parametrize('module_class, message', [
+    (TwoOptimizerModule, 'exactly one weight optimizer in the evaluator, found 2'),
+    (ManualOptimizationModule, 'uses manual optimization'),
+])
+def test_evaluator_that_iDARTS_cannot_drive_is_refused_before_any_step(digits, tmp_path, module_class, message):
     recorder = StepRecorder()
     train, val = digits
-    evaluator = Lightning(ManualOptimizationModule(num_classes=10, export_onnx=False),
-                          Trainer(callbacks=[recorder], **TRAINER),
+    evaluator = Lightning(module_class(num_classes=10, export_onnx=False), Trainer(callbacks=[recorder], **TRAINER),
                           train_dataloaders=DataLoader(train, batch_size=8), val_dataloaders=DataLoader(val, batch_size=8))
-    with pytest.raises(ValueError, match='uses manual optimization'):
+    with pytest.raises(ValueError, match=message):
         _run(TinySpace(), evaluator, tmp_path)
     assert recorder.steps == []

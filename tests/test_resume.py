@@ -55,7 +55,7 @@ def test_resume_after_mid_epoch_kill_ends_with_the_same_alphas(tmp_path):
     checkpoints = tmp_path / 'ckpt'
     # 10 batches in all; killed after batch 7 (epoch 2, batch 2), so the last checkpoint is mid-epoch.
     with pytest.raises(Killed):
-        run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=2,
+        run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
                    callbacks=[KillAtBatch(7)])
     saved = torch.load(checkpoints / 'last.ckpt', weights_only=False)
     batches_done = saved['loops']['fit_loop']['epoch_loop.batch_progress']['current']['processed']
@@ -63,7 +63,7 @@ def test_resume_after_mid_epoch_kill_ends_with_the_same_alphas(tmp_path):
     assert len(saved['optimizer_states']) == 2  # weights (SGD) and alphas (Adam)
 
     counter = KillAtBatch(at=-1)  # never kills; counts the batches trained
-    resumed = run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=2,
+    resumed = run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
                          resume_from=str(checkpoints / 'last.ckpt'), callbacks=[counter])
     assert counter.seen == 5 - batches_done  # only the rest of the second epoch: it did resume, not restart
     assert torch.equal(resumed, uninterrupted)

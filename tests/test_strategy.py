@@ -78,13 +78,14 @@ def test_first_order_with_one_inner_step_is_nni_darts(splits, tmp_path):
     assert ours_result.arch == theirs_result.arch
 
 
-def test_one_architecture_step_per_inner_steps_batches(splits, tmp_path):
-    strategy = IDartsStrategy(inner_steps=3, arc_learning_rate=0.03)
-    run(strategy, splits, tmp_path, epochs=1, batch_size=64)
-    batches = -(-len(splits.train) // 64)
+def test_one_architecture_step_per_inner_steps_batches_across_epochs(splits, tmp_path):
+    strategy = IDartsStrategy(inner_steps=5, arc_learning_rate=0.03)
+    run(strategy, splits, tmp_path, epochs=3, batch_size=64)
+    batches_per_epoch = -(-len(splits.train) // 64)
+    assert batches_per_epoch % 5 != 0  # else counting within each epoch would give the same number
     arc_optimizer = strategy.oneshot_module.architecture_optimizers().optimizer
     steps = {int(state['step']) for state in arc_optimizer.state.values()}
-    assert steps == {-(-batches // 3)}
+    assert steps == {-(-3 * batches_per_epoch // 5)}
 
 
 @pytest.mark.parametrize('mode', ['implicit', 'unrolled'])
