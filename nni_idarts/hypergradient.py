@@ -45,7 +45,7 @@ def _identity(tensors: Tensors) -> tuple[torch.Tensor, ...]:
 #: Above this many weights :func:`exact` refuses: its dense Hessian needs ``n`` Hessian-vector products and n^2 memory.
 EXACT_MAX_WEIGHTS = 10_000
 
-__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'EXACT_MAX_WEIGHTS', 'Reduce']
+__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'largest_eigenvalue', 'EXACT_MAX_WEIGHTS', 'Reduce']
 
 
 def _grad(output: torch.Tensor, inputs: Tensors, grad_outputs: Tensors | None = None, *,
@@ -70,6 +70,10 @@ def _vjp(outputs: Tensors, inputs: Tensors, vectors: Tensors) -> tuple[torch.Ten
     if not pairs:
         return tuple(torch.zeros_like(x) for x in inputs)
     return _grad([o for o, _ in pairs], inputs, [v for _, v in pairs], retain_graph=True)
+
+
+def _dot(xs: Tensors, ys: Tensors) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(xs, ys))  # type: ignore[return-value]
 
 
 def _unflatten(flat: torch.Tensor, like: Tensors) -> list[torch.Tensor]:
@@ -199,3 +203,31 @@ def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *
     solution = torch.linalg.solve(hessian, v)
     mixed = reduce(_vjp(train_grads, alphas, _unflatten(solution, weights)))
     return tuple(ga - m for ga, m in zip(val_grad_a, mixed))
+
+
+def largest_eigenvalue(train_loss: Loss, weights: Tensors, *, iters: int = 30, seed: int = 0,
+                       reduce: Reduce = _identity) -> float:
+    """Estimate ``lambda_max(d2_w L_train)`` by power iteration with Hessian-vector products, to choose ``gamma``.
+
+    :func:`neumann` converges only when ``0 < gamma < 2 / lambda_max`` (and H is positive definite). The paper's
+    ``gamma`` = the weight learning rate can violate that on a sharp supernet (see benchmarks/RESULTS.md), so check
+    it with this, e.g. ``gamma = 1 / largest_eigenvalue(...)``. One forward pass and ``iters`` backward passes; the
+    result is the eigenvalue of largest magnitude (a strongly negative one shows H is far from a minimum). The
+    weights are not changed.
+    """
+    if not weights:
+        raise ValueError('No weights were given: there is no Hessian to estimate.')
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f'iters must be an integer >= 1, got {iters!r}.')
+    generator = torch.Generator(device='cpu').manual_seed(seed)
+    vector = [torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in weights]
+    train_grads = _grad(train_loss(), weights, create_graph=True)
+    estimate = 0.0
+    for _ in range(iters):
+        norm = torch.sqrt(_dot(vector, vector))
+        vector = [v / norm for v in vector]
+        product = reduce(_vjp(train_grads, weights, vector))
+        estimate = float(_dot(vector, product))  # Rayleigh quotient of the unit vector
+        vector = list(product)
+    return estimate
+

@@ -251,3 +251,18 @@ def test_bad_arguments_are_refused_with_clear_messages():
         hg.exact(p.train_loss, p.val_loss, p.weights, p.alphas, max_weights=3)
     with pytest.raises(ValueError, match='requires_grad'):
         hg.first_order(p.val_loss, p.weights, [torch.zeros(2)])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_largest_eigenvalue_finds_lambda_max_for_choosing_gamma(dtype):
+    p = Quadratic(dtype=dtype)  # eigenvalues of A: linspace(0.5, 2.0, 5)
+    estimate = hg.largest_eigenvalue(p.train_loss, p.weights, iters=200)
+    assert estimate == pytest.approx(2.0, rel=1e-4)
+    # with gamma = 1 / lambda_max the Neumann series converges to exact; with gamma > 2 / lambda_max it diverges
+    exact = _cat(hg.exact(p.train_loss, p.val_loss, p.weights, p.alphas))
+    good = _cat(hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=60, gamma=1 / estimate))
+    bad = _cat(hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=60, gamma=2.5 / estimate))
+    assert (good - exact).norm() < 1e-3 * exact.norm()
+    assert (bad - exact).norm() > exact.norm()
+    with pytest.raises(ValueError, match='iters'):
+        hg.largest_eigenvalue(p.train_loss, p.weights, iters=0)
