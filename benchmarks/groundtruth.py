@@ -40,6 +40,9 @@ class Recipe:
     epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 0.05
+    #: train_and_evaluate's schedule (cosine annealing to 0 over the epochs); part of the fingerprint, so rows
+    #: trained with the earlier constant rate are not mixed in.
+    lr_schedule: str = 'cosine'
     weight_decay: float = 3e-4
     channels: int = 16
     num_cells: int = 2

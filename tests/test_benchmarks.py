@@ -39,8 +39,12 @@ def test_committed_groundtruth_table_is_complete_and_plausible():
         assert len({round(r['test_acc'][i], 9) for r in dead}) == 1
     assert max(r['test_acc_mean'] for r in dead) < 0.2
     assert max(r['test_acc_mean'] for r in live) > 0.9
-    # Accuracies are multiples of 1/359 (test set size): ties happen, but the table must mostly rank.
-    assert len({round(r['test_acc_mean'], 9) for r in live}) > 0.5 * len(live)
+    # Accuracies are multiples of 1/359 (test set size), so ties happen (more since the retraining recipe anneals its
+    # learning rate and the seeds agree better); the table must still rank: many distinct means, and an
+    # architecture's rank on val (what a search sees) predicts its rank on the held-out test images.
+    assert len({round(r['test_acc_mean'], 9) for r in live}) > 0.4 * len(live)
+    from scipy.stats import spearmanr
+    assert spearmanr([r['val_acc_mean'] for r in live], [r['test_acc_mean'] for r in live]).statistic > 0.9
     assert truth.regret(truth.rows[0]['arch']) == 0 and truth.percentile(truth.rows[0]['arch']) == 0
 
 
