@@ -2,7 +2,8 @@
 
 It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLightningModule` already owns the
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
-this subclass only replaces ``training_step``.
+this subclass replaces ``training_step`` (the search loop) and adds only the hooks that data parallelism
+(``setup``, ``on_fit_start``) and reporting to an NNI trial (``log`` and the epoch/fit-end hooks) need.
 
 Data parallelism (Lightning's DDP strategy, e.g. ``Trainer(strategy='ddp', devices=N)``): Lightning wraps this module
 in ``DistributedDataParallel`` and shards both parts of the DARTS combined loader with a ``DistributedSampler``, so
