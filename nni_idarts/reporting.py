@@ -99,9 +99,6 @@ def trial_parameters_preserved() -> Iterator[None]:
 @contextlib.contextmanager
 def outside_trial() -> Iterator[None]:
     """Run the block as if no NNI trial were current, so NNI's evaluator modules report nothing from it."""
-    record = nni.trial._params
-    nni.trial._params = None
-    try:
+    with trial_parameters_preserved():
+        nni.trial._params = None
         yield
-    finally:
-        nni.trial._params = record
