@@ -13,6 +13,7 @@ import io
 import math
 import os
 import pickle
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ class CifarUnpickler(pickle.Unpickler):
         try:
             return self.ALLOWED[module, name]
         except (KeyError, TypeError):
-            raise pickle.UnpicklingError(f'refused global {brief(module, 40)}.{brief(name, 40)} '
+            raise pickle.UnpicklingError(f'refused global {brief(f"{module}.{name}")} '
                                          f'(a CIFAR batch holds only dicts, lists and numpy arrays)') from None
 
 
@@ -286,7 +287,7 @@ def check_image(path: str | os.PathLike, image_size: int = 32) -> None:
     JPEGs are decoded at the smallest scale that still covers ``image_size`` (``draft``): every byte is still
     decoded, so a truncated file still fails, at a fraction of the cost.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -296,8 +297,13 @@ def check_image(path: str | os.PathLike, image_size: int = 32) -> None:
                 image.load()
                 image.convert('RGB')
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise DataError(f'data error: image {path} is too large to decode safely ({str(error).split(",")[0]}; '
-                        f'the limit is PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)') from error
+        pixels = re.search(r'\((\d+) pixels\)', str(error))
+        raise DataError(f'data error: image {path} has {pixels[1] if pixels else "too many"} pixels, more than '
+                        f'PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} (a guard against decompression '
+                        f'bombs)') from error
+    except UnidentifiedImageError as error:  # its message repeats the path
+        raise DataError(f'data error: image {path} cannot be read: not an image format PIL knows, or its header is '
+                        f'damaged') from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on corrupt files
         raise DataError(f'data error: image {path} cannot be read: {reason(error)}') from error
 
@@ -319,7 +325,15 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 32, seed: 
     _check_fraction('test_fraction', test_fraction)
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DataError(f'data error: image folder {path} does not exist (expected {path}/<class name>/<image files>)')
+        what = 'is not a folder' if path.exists() else 'does not exist'
+        raise DataError(f'data error: image folder {path} {what} (expected {path}/<class name>/<image files>)')
+    try:
+        classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())  # as ImageFolder finds them
+    except OSError as error:
+        raise DataError(f'data error: cannot read image folder {path}: {error.strerror or error}') from error
+    if len(classes) < 2:
+        raise DataError(f'data error: image folder {path} has {len(classes)} class folder(s) {brief(classes)}; a '
+                        f'classifier needs at least 2 ({path}/<class name>/<image files>)')
     steps: list[Any] = [transforms.Resize((image_size, image_size))]
     if grayscale:
         steps.append(transforms.Grayscale())
@@ -328,14 +342,11 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 32, seed: 
         data = datasets.ImageFolder(str(path), transform=transforms.Compose(steps), allow_empty=True)
     except (OSError, RuntimeError) as error:
         raise DataError(f'data error: cannot read image folder {path}: {reason(error)}') from error
-    if len(data.classes) < 2:
-        raise DataError(f'data error: image folder {path} has {len(data.classes)} class folder(s) '
-                        f'{brief(data.classes)}; a classifier needs at least 2 ({path}/<class name>/<image files>)')
     counts = Counter(data.targets)
     empty = [name for index, name in enumerate(data.classes) if counts[index] == 0]
     if empty:
         raise DataError(f'data error: class folder {path / empty[0]} has no images ({len(empty)} empty class folders; '
-                        f'image files end in {", ".join(datasets.folder.IMG_EXTENSIONS)})')
+                        f'image files end in {" ".join(datasets.folder.IMG_EXTENSIONS)})')
     for file, _ in data.samples:
         check_image(file, image_size)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
