@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copyreg
 import io
+import json
 import os
 import pickle
 import struct
@@ -358,7 +359,7 @@ def test_cli_refuses_bad_data_in_one_line(tmp_path, capsys, dataset):
         bad.write_bytes(bad.read_bytes()[:-50])
     config = write_config(tmp_path, data={'name': dataset, 'root': str(tmp_path / 'data'), 'subset': None})
     for command in (['search', str(config)], ['retrain', str(config), '--arch', str(tmp_path / 'arch.json')]):
-        (tmp_path / 'arch.json').write_text('{"edge_0_1": "conv_3x3", "edge_0_2": "skip", "edge_1_2": "skip"}')
+        (tmp_path / 'arch.json').write_text(json.dumps({f'edge_{e}': 'skip_connect' for e in ('0_1', '0_2', '1_2')}))
         assert main(command) == EXIT_BAD_INPUT
         captured = capsys.readouterr()
         err = captured.err.strip()
