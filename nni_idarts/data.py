@@ -188,6 +188,8 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarr
         labels = labels.tolist()
     if not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
         raise DataError(f'data error: {path}: {label_key!r} must be a list of integers, got {brief(labels)}')
+    if len(data) == 0:  # an empty test batch would fail only after all the training
+        raise DataError(f"data error: {path}: 'data' holds no images")
     if len(labels) != len(data):
         raise DataError(f'data error: {path}: {len(labels)} {label_key!r} for {len(data)} images')
     bad = [v for v in labels if not 0 <= v < num_classes]
@@ -359,6 +361,9 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 32, seed: 
                    subset, seed)
 
 
+#: The largest seed (Lightning's ``seed_everything`` range, so one seed can serve both).
+MAX_SEED = 2**32 - 1
+
 #: The ``data.name`` values of a config and what loads them.
 DATASETS: Sequence[str] = ('digits', 'cifar10', 'cifar100', 'image_folder')
 
@@ -371,12 +376,16 @@ def load_splits(name: str, *, root: str | None = None, seed: int = 0, val_fracti
     weights. ``subset``: keep at most this many examples (a random choice fixed by ``seed``) in each of train, val
     and test, for quick runs and tests.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DataError(f'data error: data.seed must be an integer in [0, {MAX_SEED}], got {brief(seed)}')
     if name == 'digits':
         return _capped(digits_splits(seed, val_fraction=val_fraction), subset, seed)
     if name not in DATASETS:
         raise DataError(f'data error: unknown dataset {brief(name)}; expected one of {", ".join(DATASETS)}')
     if root is None:
         raise DataError(f'data error: dataset {name!r} needs data.root, the local folder that holds its files')
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise DataError(f'data error: data.root must be the path of a folder, got {brief(root)}')
     if name in ('cifar10', 'cifar100'):
         return cifar_splits(root, 10 if name == 'cifar10' else 100, seed=seed, val_fraction=val_fraction,
                             subset=subset)

@@ -142,6 +142,7 @@ def images(n: int, width: int = 3072, dtype=np.uint8):
     ({'data': images(4), 'labels': [True, 1, 2, 3]}, "'labels' must be a list of integers"),
     ({'data': images(4), 'labels': 'abcd'}, "'labels' must be a list of integers, got 'abcd'"),
     ({'data': images(4), 'labels': list(range(200)) * 100}, "20000 'labels' for 4 images"),
+    ({'data': images(0), 'labels': []}, "'data' holds no images"),
     ({'data': images(4)}, "has no 'labels' entry (keys: ['data'])"),
     ({'labels': [0]}, "has no 'data' entry"),
 ])
@@ -227,6 +228,16 @@ def test_val_fraction_that_empties_a_part(value, match):
 @pytest.mark.parametrize('value', [0, -3, 2.5, 'all', True])
 def test_subset_out_of_range(value):
     refused(f'data.subset must be null or an integer of at least 1, got {value!r}', 'digits', subset=value)
+
+
+@pytest.mark.parametrize('value', [-1, 2**32, 2**64, 1.5, None, '3', True])
+def test_seed_out_of_range(value):
+    refused(f'data.seed must be an integer in [0, 4294967295], got {value!r}', 'digits', seed=value)
+
+
+@pytest.mark.parametrize('value', [5, '', ['a']])
+def test_root_of_the_wrong_type(value):
+    refused(f'data.root must be the path of a folder, got {value!r}', 'cifar10', root=value)
 
 
 def test_unknown_dataset_name_is_bounded():
