@@ -98,53 +98,77 @@ def cifar_files(num_classes: int) -> tuple[str, list[str]]:
     return folder, [*train, test, meta]
 
 
-class _NdarrayClass:
-    """Stands for ``numpy.ndarray`` inside a CIFAR pickle: numpy's ``_reconstruct`` takes it as its first argument,
-    and it cannot be instantiated, so a pickle cannot allocate an array of a shape it chooses (``NEWOBJ``)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise pickle.UnpicklingError('numpy.ndarray may only be rebuilt by numpy._reconstruct')
+class _PickleGlobal:
+    """A global that a CIFAR pickle may name. Instances have no state a pickle could change: no ``__dict__`` and no
+    ``__setstate__``, so ``BUILD`` on one fails; they are not types, so ``NEWOBJ`` refuses them."""
+    __slots__ = ()
 
 
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+#: Stands for ``numpy.ndarray``, which numpy's pickles only pass to ``_reconstruct``: not callable, so a pickle
+#: cannot allocate an array of a shape it chooses.
+_NDARRAY = _PickleGlobal()
+
+
+class _Reconstruct(_PickleGlobal):
     """numpy's ``_reconstruct`` for what numpy pickles (an empty array that ``__setstate__`` then fills), and nothing
     else: the data, and so the size, comes from the file's bytes."""
-    if subtype is not _NdarrayClass or shape != (0,) or not isinstance(dtype, (str, bytes)):
-        raise pickle.UnpicklingError('numpy._reconstruct called with other arguments than numpy pickles use')
-    return np.ndarray((0,), dtype=np.dtype(dtype))
+    __slots__ = ()
+
+    def __call__(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _NDARRAY or shape != (0,) or not isinstance(dtype, (str, bytes)):
+            raise pickle.UnpicklingError('numpy._reconstruct called with other arguments than numpy pickles use')
+        return np.ndarray((0,), dtype=np.dtype(dtype))
 
 
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+class _FromBuffer(_PickleGlobal):
     """numpy's ``_frombuffer`` (how numpy pickles arrays with protocol 5)."""
-    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError('numpy._frombuffer called with other arguments than numpy pickles use')
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+    __slots__ = ()
+
+    def __call__(self, buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or order not in 'CF':
+            raise pickle.UnpicklingError('numpy._frombuffer called with other arguments than numpy pickles use')
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
 
-def _latin1_encode(text: Any, encoding: Any = 'latin1') -> bytes:
+class _Dtype(_PickleGlobal):
+    """``numpy.dtype`` as numpy pickles it: ``dtype(code, align, copy)`` with a type code such as ``'u1'`` (the flags
+    are booleans, or 0/1 in Python 2's pickles)."""
+    __slots__ = ()
+
+    def __call__(self, code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+        if not isinstance(code, (str, bytes)) or not all(isinstance(f, int) and f in (0, 1) for f in (align, copy)):
+            raise pickle.UnpicklingError('numpy.dtype called with other arguments than numpy pickles use')
+        return np.dtype(code, bool(align), bool(copy))
+
+
+class _Latin1Encode(_PickleGlobal):
     """``_codecs.encode`` as protocol-2 pickles of bytes use it (latin-1 only)."""
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise pickle.UnpicklingError('_codecs.encode called with other arguments than pickles of bytes use')
-    return text.encode('latin1')
+    __slots__ = ()
+
+    def __call__(self, text: Any, encoding: Any = 'latin1') -> bytes:
+        if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+            raise pickle.UnpicklingError('_codecs.encode called with other arguments than pickles of bytes use')
+        return text.encode('latin1')
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches and nothing else: the only globals are numpy's array and dtype rebuilders.
+    """Unpickles CIFAR batches and nothing else: the only globals are stand-ins for numpy's array and dtype
+    rebuilders.
 
-    Pickle runs code only through the callables that ``find_class`` returns (``REDUCE``, ``NEWOBJ``, ``BUILD`` call
-    them or the objects they make); here those are the functions above, which check their arguments, and
-    ``numpy.dtype``. Everything else a pickle can build is a dict, list, tuple, str, bytes, number, bool or None.
-    ``persistent_load`` is not defined, so persistent ids are refused too.
+    Pickle runs code only through the globals that ``find_class`` returns (``REDUCE`` calls them, ``BUILD`` calls
+    ``__setstate__`` of what they return). Here they are the :class:`_PickleGlobal` objects above, which check their
+    arguments and make numpy arrays and dtypes; everything else a pickle can build is a dict, list, tuple, str,
+    bytes, number, bool or None. ``persistent_load`` is not defined, so persistent ids are refused too.
     """
 
     ALLOWED = {
-        ('numpy.core.multiarray', '_reconstruct'): _reconstruct,   # files written with numpy 1 (the official ones)
-        ('numpy._core.multiarray', '_reconstruct'): _reconstruct,  # numpy 2
-        ('numpy.core.numeric', '_frombuffer'): _frombuffer,        # protocol 5
-        ('numpy._core.numeric', '_frombuffer'): _frombuffer,
-        ('numpy', 'ndarray'): _NdarrayClass,
-        ('numpy', 'dtype'): np.dtype,
-        ('_codecs', 'encode'): _latin1_encode,                     # bytes in protocol-2 pickles written by Python 3
+        ('numpy.core.multiarray', '_reconstruct'): _Reconstruct(),   # written with numpy 1 (the official files)
+        ('numpy._core.multiarray', '_reconstruct'): _Reconstruct(),  # numpy 2
+        ('numpy.core.numeric', '_frombuffer'): _FromBuffer(),        # protocol 5
+        ('numpy._core.numeric', '_frombuffer'): _FromBuffer(),
+        ('numpy', 'ndarray'): _NDARRAY,
+        ('numpy', 'dtype'): _Dtype(),
+        ('_codecs', 'encode'): _Latin1Encode(),                      # bytes in protocol-2 pickles of Python 3
     }
 
     def find_class(self, module: str, name: str) -> Any:

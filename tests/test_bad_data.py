@@ -101,11 +101,15 @@ def test_payload_through_the_extension_registry(tmp_path):
 
 
 def test_numpy_globals_cannot_allocate_what_the_file_asks(tmp_path):
-    """numpy.ndarray itself cannot be instantiated by a pickle (NEWOBJ), and _reconstruct takes only numpy's (0,)."""
+    """numpy.ndarray itself cannot be instantiated by a pickle (NEWOBJ), _reconstruct takes only numpy's (0,), and
+    the allowed globals cannot be changed (BUILD)."""
     huge = pickle.dumps((1 << 40,), protocol=2)[2:-1]
     newobj = b'\x80\x02cnumpy\nndarray\n' + huge + b'\x81.'
     reconstruct = b'\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n' + huge + b'U\x01b\x87R.'
-    for raw in (newobj, reconstruct):
+    # BUILD on an allowed global (to change it for later loads): refused, the globals have no state
+    build = b'\x80\x02cnumpy\ndtype\n}U\x04evil\x88sb.'
+    slots = b'\x80\x02cnumpy.core.multiarray\n_reconstruct\nN}U\x08__call__\x88s\x86b.'
+    for raw in (newobj, reconstruct, build, slots):
         (tmp_path / 'batch').write_bytes(raw)
         with pytest.raises(DataError, match='is not a CIFAR python batch'):
             read_cifar_pickle(tmp_path / 'batch')
