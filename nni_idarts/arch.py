@@ -39,7 +39,7 @@ MAX_ARCH_FILE_BYTES = 10 * 2**20
 
 def load_arch_file(path: str | Path) -> dict[str, Any]:
     """The document in ``path`` as ``{'arch': ..., 'space': ... or None, 'probs': ... or None}``, each part checked
-    for its type (:func:`check_arch_document`); anything else is one :class:`ArchError` line naming the file."""
+    for its type; anything else is one :class:`ArchError` line naming the file."""
     try:
         info = Path(path).stat()
         if not stat.S_ISREG(info.st_mode):  # a folder, a pipe or a device (which could be read forever)
@@ -63,16 +63,16 @@ def load_arch_file(path: str | Path) -> dict[str, Any]:
     except (ValueError, RecursionError) as error:  # e.g. an integer of over 4300 digits, or nesting too deep
         raise ArchError(f'arch error: {path} is not readable JSON: {reason(error)}') from error
     try:
-        return check_arch_document(doc)
+        return _check_document(doc)
     except ArchError as error:
         raise ArchError(f'arch error: {path}: {error}') from None
 
 
-def check_arch_document(doc: Any) -> dict[str, Any]:
+def _check_document(doc: Any) -> dict[str, Any]:
     """``doc`` (a parsed architecture file) as ``{'arch', 'space', 'probs'}`` if its parts have the right types:
-    ``arch`` a non-empty ``{label: choice}`` object; ``space`` null or an object whose ``name`` (if any) is a string and
-    whose other values are numbers, strings, booleans or null; ``probs`` null or ``{label: {choice: p}}`` with every ``p``
-    a number in [0, 1]. A document without ``arch`` is a bare ``{label: choice}`` dict, as NNI exports it."""
+    ``arch`` a non-empty ``{label: choice}`` object; ``space`` null or an object whose ``name`` (if any) is a string
+    and whose other values are numbers, strings, booleans or null; ``probs`` null or ``{label: {choice: p}}`` with
+    every ``p`` a number in [0, 1]. A document without ``arch`` is a bare ``{label: choice}`` dict, as NNI exports it."""
     if not isinstance(doc, dict):
         raise ArchError(f'must hold a JSON object, got {type(doc).__name__} {brief(doc)}')
     if 'arch' in doc:

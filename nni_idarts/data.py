@@ -10,7 +10,6 @@ numpy arrays, so a crafted file under ``data.root`` cannot run code.
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import re
@@ -205,9 +204,11 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarr
         if key not in doc:
             raise DataError(f'data error: {path} has no {key!r} entry (keys: {brief(sorted(map(str, doc)))})')
     data, labels = doc['data'], doc[label_key]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_IMAGE_BYTES:
-        what = (f'{data.dtype} array of shape {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__)
-        raise DataError(f"data error: {path}: 'data' must be a uint8 array of shape (N, {CIFAR_IMAGE_BYTES}), got {what}")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == CIFAR_IMAGE_BYTES):
+        what = f'{data.dtype} array of shape {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"data error: {path}: 'data' must be a uint8 array of shape (N, {CIFAR_IMAGE_BYTES}), "
+                        f"got {what}")
     if isinstance(labels, np.ndarray):
         labels = labels.tolist()
     if not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
