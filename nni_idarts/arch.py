@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from nni.nas.nn.pytorch import ModelSpace
 
 from .checkpoint import atomic_write_json
+from .errors import brief, reason
 
 
 class ArchError(ValueError):
@@ -31,35 +33,104 @@ def save_arch(path: str | Path, arch: dict[str, Any], *, space: dict[str, Any] |
     atomic_write_json(path, doc)
 
 
+#: The largest architecture file read (they are a few kB; a bigger file is something else, e.g. a checkpoint).
+MAX_ARCH_FILE_BYTES = 10 * 2**20
+
+
 def load_arch_file(path: str | Path) -> dict[str, Any]:
-    """The document in ``path`` as ``{'arch': ..., 'space': ... or None, 'probs': ... or None}``."""
+    """The document in ``path`` as ``{'arch': ..., 'space': ... or None, 'probs': ... or None}``, each part checked
+    for its type; anything else is one :class:`ArchError` line naming the file."""
     try:
-        doc = json.loads(Path(path).read_text())
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode):  # a folder, a pipe or a device (which could be read forever)
+            raise ArchError(f'arch error: {path} is not a regular file')
+        size = info.st_size
+        if size > MAX_ARCH_FILE_BYTES:
+            raise ArchError(f'arch error: {path} has {size} bytes, too many for an architecture file '
+                            f'(at most {MAX_ARCH_FILE_BYTES})')
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise ArchError(f'arch error: cannot read {path}: {error.strerror or error}') from error
+    try:
+        text = raw.decode('utf-8-sig')  # a byte-order mark, as some editors write, is skipped
+    except UnicodeDecodeError as error:
+        raise ArchError(f'arch error: {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}): '
+                        f'not an architecture JSON file') from error
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as error:
         raise ArchError(f'arch error: {path} is not JSON (line {error.lineno}: {error.msg})') from error
+    except (ValueError, RecursionError) as error:  # e.g. an integer of over 4300 digits, or nesting too deep
+        raise ArchError(f'arch error: {path} is not readable JSON: {reason(error)}') from error
+    try:
+        return _check_document(doc)
+    except ArchError as error:
+        raise ArchError(f'arch error: {path}: {error}') from None
+
+
+def _check_document(doc: Any) -> dict[str, Any]:
+    """``doc`` (a parsed architecture file) as ``{'arch', 'space', 'probs'}`` if its parts have the right types:
+    ``arch`` a non-empty ``{label: choice}`` object; ``space`` null or an object whose ``name`` (if any) is a string
+    and whose other values are numbers, strings, booleans or null; ``probs`` null or ``{label: {choice: p}}`` with
+    every ``p`` a number in [0, 1]. A document without ``arch`` is a bare ``{label: choice}`` dict, as NNI exports it."""
     if not isinstance(doc, dict):
-        raise ArchError(f'arch error: {path} must hold a JSON object, got {type(doc).__name__}')
-    if isinstance(doc.get('arch'), dict):
-        return {'arch': doc['arch'], 'space': doc.get('space'), 'probs': doc.get('probs')}
-    return {'arch': doc, 'space': None, 'probs': None}
+        raise ArchError(f'must hold a JSON object, got {type(doc).__name__} {brief(doc)}')
+    if 'arch' in doc:
+        unknown = [key for key in doc if key not in ('arch', 'space', 'probs')]
+        if unknown:
+            raise ArchError(f"has the key {brief(unknown[0])}; a file with 'arch' may have only 'space' and 'probs'")
+        arch, space, probs = doc['arch'], doc.get('space'), doc.get('probs')
+    elif 'space' in doc or 'probs' in doc:
+        raise ArchError("has 'space' or 'probs' but no 'arch', the {label: choice} object of the architecture")
+    else:
+        arch, space, probs = doc, None, None
+    if not isinstance(arch, dict) or not arch:
+        raise ArchError(f"'arch' must be a non-empty object {{label: choice}}, got {type(arch).__name__} {brief(arch)}")
+    if space is not None:
+        if not isinstance(space, dict):
+            raise ArchError(f"'space' must be an object {{name: ..., <size knobs>}}, got {type(space).__name__} "
+                            f"{brief(space)}")
+        if 'name' in space and not isinstance(space['name'], str):
+            raise ArchError(f"'space' has a 'name' that is not a string: {brief(space['name'])}")
+        for knob, value in space.items():
+            if not isinstance(value, (int, float, str, bool, type(None))):
+                raise ArchError(f"'space' knob {brief(knob, 40)} must be a number, string, boolean or null, got "
+                                f"{type(value).__name__} {brief(value)}")
+    if probs is not None:
+        if not isinstance(probs, dict):
+            raise ArchError(f"'probs' must be an object {{label: {{choice: probability}}}}, got "
+                            f"{type(probs).__name__} {brief(probs)}")
+        for label, choices in probs.items():
+            if not isinstance(choices, dict):
+                raise ArchError(f"'probs' of {brief(label)} must be an object {{choice: probability}}, got "
+                                f"{type(choices).__name__} {brief(choices)}")
+            for choice, p in choices.items():
+                if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                    raise ArchError(f"'probs' of {brief(label)}, choice {brief(choice)}: a probability must be a "
+                                    f"number in [0, 1], got {brief(p)}")
+    return {'arch': arch, 'space': space, 'probs': probs}
 
 
 def check_arch(arch: dict[str, Any], space: ModelSpace, space_name: str) -> None:
     """Raise :class:`ArchError` unless ``arch`` names exactly the choices of ``space``, each with a valid value."""
+    if not isinstance(arch, dict):
+        raise ArchError(f'arch error: an architecture is a {{label: choice}} dict, got {type(arch).__name__} '
+                        f'{brief(arch)}')
     mutables = space.simplify()
     missing = [label for label in mutables if label not in arch]
     extra = [label for label in arch if label not in mutables]
     if missing or extra:
-        what = (f'misses {missing[0]!r}' if missing else f'has {extra[0]!r}, which the space does not have')
-        raise ArchError(f'arch error: the architecture does not match space {space_name!r}: it {what} '
+        what = (f'misses {brief(missing[0])}' if missing else f'has {brief(extra[0])}, which the space does not have')
+        raise ArchError(f'arch error: the architecture does not match space {brief(space_name)}: it {what} '
                         f'({len(missing)} missing, {len(extra)} unknown labels)')
     for label, mutable in mutables.items():
-        error = mutable.check_contains(arch)
+        try:
+            error = mutable.check_contains(arch)
+        except Exception as raised:  # a value of a type NNI does not expect (e.g. an object) may raise, not return
+            error = raised
         if error is not None:
-            raise ArchError(f'arch error: {label!r} = {arch[label]!r} is not a choice of space {space_name!r} '
-                            f'({str(error).splitlines()[0]})')
+            raise ArchError(f'arch error: {brief(label)} = {brief(arch[label])} is not a choice of space '
+                            f'{brief(space_name)}: {reason(error)}')
 
 
 def _probability(probs: dict[str, dict[str, float]] | None, label: str, value: Any) -> str:

@@ -16,3 +16,11 @@ def brief(value: Any, limit: int = MAX_SHOWN) -> str:
         text = f'<{type(value).__name__}>'
     text = text.replace('\n', ' ')
     return text if len(text) <= limit else f'{text[:limit - 15]}... ({len(text)} chars)'
+
+
+
+def reason(error: BaseException, limit: int = 160) -> str:
+    """What ``error`` says (its lines joined, its type name if it says nothing), bounded by :func:`brief`: how a
+    library's complaint about a user's file ends a one-line message."""
+    text = ' '.join(str(error).split())
+    return brief(text, limit) if text else type(error).__name__
