@@ -80,7 +80,6 @@ RANGES: dict[str, Range] = {
     'space.name': Range(choices=tuple(SPACES)),
     'space.channels': Range(min=1, max=1024),
     'space.width': Range(min=1, max=1024),
-    'space.hidden': Range(min=2, max=65536),
     'space.num_cells': Range(min=1, max=64),
     'space.cells_per_stage': Range(min=1, max=64),
     'space.num_stacks': Range(min=1, max=16),
