@@ -355,7 +355,8 @@ def load_config(path: str | Path) -> Config:
         mark = getattr(error, 'problem_mark', None)
         where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
         problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
-        raise ConfigError(f'config error: {path} is not valid YAML{where}: {brief(problem, 120)}') from error
+        problem = ' '.join(str(problem).split())[:120]
+        raise ConfigError(f'config error: {path} is not valid YAML{where}: {problem}') from error
     except RecursionError as error:  # a deeply nested document
         raise ConfigError(f'config error: {path} is nested too deeply') from error
     return config_from_dict(raw)
