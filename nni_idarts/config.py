@@ -243,7 +243,8 @@ def _hint(value: Any, hint: Any) -> str:
     mantissa, _, exponent = value.strip().lower().partition('e')
     if exponent and '.' not in mantissa:
         return f' (YAML reads {value} as text: write {mantissa}.0e{exponent})'
-    return f' (a number in quotes is text: write {number!r} without quotes)'
+    shown = int(number) if _accepts(hint, int) and number.is_integer() else number
+    return f' (a number in quotes is text: write {shown!r} without quotes)'
 
 
 def _show_bound(bound: float) -> str:
