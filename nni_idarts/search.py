@@ -92,6 +92,10 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     check_run_arguments(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
                         seed=seed)
     require_int('checkpoint_every_n_steps', checkpoint_every_n_steps, minimum=1)
+    warmup = getattr(strategy, 'warmup_epochs', 0)
+    if isinstance(warmup, int) and warmup >= epochs:
+        raise ValueError(f'warmup_epochs={warmup} must be less than epochs={epochs}: the warm-up trains only the '
+                         'weights, so no architecture step would run.')
     for name, data in (('train_data', train_data), ('val_data', val_data)):
         if hasattr(data, '__len__') and len(data) == 0:  # type: ignore[arg-type]
             raise ValueError(f'{name} is empty: the search needs training data for the weights and validation data '

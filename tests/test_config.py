@@ -114,3 +114,36 @@ def test_yaml_file_problems_are_one_short_line(tmp_path):
     with pytest.raises(ConfigError) as error:
         config_from_dict({'search': {'epochs': doc['i']}})
     assert len(str(error.value)) < 200 and "'search.epochs' must be int, got list [[[[" in str(error.value)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda s, d: s(epochs=0), 'epochs must be an integer >= 1; got 0'),
+    (lambda s, d: s(epochs=-1), 'epochs must be an integer >= 1; got -1'),
+    (lambda s, d: s(batch_size=0), 'batch_size must be an integer >= 1; got 0'),
+    (lambda s, d: s(learning_rate=-0.1), 'learning_rate must be a finite number > 0.0; got -0.1'),
+    (lambda s, d: s(weight_decay=float('nan')), 'weight_decay must be a finite number >= 0.0; got nan'),
+    (lambda s, d: s(seed=2**64), 'seed must be an integer >= 0 and <= 4294967295'),
+    (lambda s, d: s(checkpoint_every_n_steps=0), 'checkpoint_every_n_steps must be an integer >= 1; got 0'),
+    (lambda s, d: s(strategy=IDartsStrategy(warmup_epochs=3), epochs=3), 'warmup_epochs=3 must be less than epochs=3'),
+    (lambda s, d: d(epochs=0), 'epochs must be an integer >= 1; got 0'),
+    (lambda s, d: d(seed=-1), 'seed must be an integer >= 0'),
+])
+def test_search_and_retraining_refuse_unusable_arguments_where_they_are_used(call, message):
+    """The functions check their arguments too (for callers that do not go through a config)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from nni_idarts.retrain import train_and_evaluate
+    from nni_idarts.search import search
+    from search_spaces import DigitsCellSpace
+
+    data = TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+
+    def run_search(strategy=None, **kwargs):
+        return search(DigitsCellSpace(channels=2, num_cells=1), data, data, strategy or IDartsStrategy(), **kwargs)
+
+    def run_retrain(**kwargs):
+        return train_and_evaluate(torch.nn.Linear(64, 10), data, data, **kwargs)
+
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)').replace('+', r'\+')):
+        call(run_search, run_retrain)
