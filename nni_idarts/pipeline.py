@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from torch.utils.data import Dataset
-
-from .config import Config
 from .errors import brief
+
+if TYPE_CHECKING:  # imported lazily: `nni-idarts show` and bad-input paths need no torch
+    from torch.utils.data import Dataset
+
+    from .config import Config
 
 #: Keys whose change makes a checkpoint a different search: another data order, another supernet, other batches.
 RESUME_KEYS = ('space.', 'data.', 'search.batch_size', 'search.seed')
