@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -99,9 +100,13 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     if size == 0:
         raise CheckpointError(f'checkpoint {path} is empty')
     try:
-        saved = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some foreign pickles: the error below says it in a line
+            warnings.simplefilter('ignore')
+            saved = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # torch raises many types for a torn or foreign file; all mean "not usable"
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if reason.startswith('Weights only load failed'):
+            reason = 'it holds objects other than tensors and plain data; refused, as loading it could run code'
         raise CheckpointError(f'checkpoint {path} is not a readable torch checkpoint ({reason[:120]})') from error
     if not isinstance(saved, dict) or not {'state_dict', 'loops', 'optimizer_states'} <= set(saved):
         raise CheckpointError(f'{path} is not a Lightning checkpoint of a search')

@@ -68,6 +68,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Everything is checked: from here on the output folder is written.
     with out.locked():
         if not args.resume:
+            out.check_fresh(args.overwrite)  # again, now that no other run can write here
             out.remove(SEARCH_OUTPUTS + RETRAIN_OUTPUTS)  # only what this tool wrote (see rundir.py)
         out.claim(SEARCH_OUTPUTS)
         _write_yaml(out.path / 'config.yaml', config.as_dict())
