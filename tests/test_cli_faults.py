@@ -250,3 +250,11 @@ def test_ctrl_c_stops_at_a_batch_end_with_a_fresh_checkpoint(tmp_path, capsys, m
     assert saved['loops']['fit_loop']['epoch_loop.batch_progress']['total']['processed'] == 5
     assert not (tmp_path / 'run' / 'arch.json').exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_json_results_refuse_nan_and_leave_no_file(tmp_path):
+    from nni_idarts.checkpoint import atomic_write_json
+
+    with pytest.raises(ValueError, match='Out of range float values are not JSON compliant'):
+        atomic_write_json(tmp_path / 'retrain.json', {'test_loss': float('nan')})
+    assert list(tmp_path.iterdir()) == []
