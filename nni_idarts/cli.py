@@ -67,6 +67,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     # Everything is checked: from here on the output folder is written.
     with out.locked():
+        args.writing = True
         if not args.resume:
             out.check_fresh(args.overwrite)  # again, now that no other run can write here
             out.remove(SEARCH_OUTPUTS + RETRAIN_OUTPUTS)  # only what this tool wrote (see rundir.py)
@@ -152,12 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stopped(args: argparse.Namespace, signal_name: str) -> str:
-    if args.command != 'search':
-        return f'stopped by {signal_name}; nothing was written'
     last = getattr(args, 'checkpoint', None)
-    if last is not None and Path(last).is_file():
+    if args.command == 'search' and last is not None and Path(last).is_file():
         return f'stopped by {signal_name}; the search can continue with --resume (checkpoint {last})'
-    return f'stopped by {signal_name} before the first checkpoint; start the search again (with --overwrite)'
+    if args.command == 'search' and getattr(args, 'writing', False):
+        return f'stopped by {signal_name} before the first checkpoint; start the search again with --overwrite'
+    return f'stopped by {signal_name}; nothing was written'
 
 
 def main(argv: Sequence[str] | None = None) -> int:

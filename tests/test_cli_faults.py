@@ -258,3 +258,24 @@ def test_json_results_refuse_nan_and_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match='Out of range float values are not JSON compliant'):
         atomic_write_json(tmp_path / 'retrain.json', {'test_loss': float('nan')})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lightnings_own_sigterm_exit_is_never_a_success(tmp_path, capsys, monkeypatch):
+    """Lightning raises SIGTERMException (a SystemExit without a code: exit status 0) when SIGTERM lands after this
+    package's batch-end check; the command still exits 143 with its line."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from nni_idarts import checkpoint
+
+    class RecordConfigAndLightningSigterm(checkpoint.RecordConfig):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+            if trainer.fit_loop.total_batch_idx == 1:
+                raise SIGTERMException()
+
+    monkeypatch.setattr(checkpoint, 'RecordConfig', RecordConfigAndLightningSigterm)
+    config = write_config(tmp_path)
+    capsys.readouterr()
+    assert main(['search', str(config)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('nni-idarts search: stopped by SIGTERM')
+    assert not (tmp_path / 'run' / 'arch.json').exists()
