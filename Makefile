@@ -15,7 +15,7 @@ install: $(STAMP)
 
 # Search the digits space, then retrain the exported architecture from scratch (writes runs/digits/).
 search: install
-	$(VENV)/bin/nni-idarts search examples/configs/digits.yaml
+	$(VENV)/bin/nni-idarts search examples/configs/digits.yaml --overwrite
 	$(VENV)/bin/nni-idarts retrain examples/configs/digits.yaml --arch runs/digits/arch.json
 
 test: install

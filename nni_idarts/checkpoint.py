@@ -2,6 +2,11 @@
 
 - :func:`atomic_write_json` and :class:`AtomicCheckpointIO` write to a temporary file beside the target and
   ``os.replace`` it, so a kill leaves either the old file or the new one, never a torn one.
+- :class:`RecordConfig` stores the config a search was made with in its checkpoints, and :func:`checkpoint_config`
+  reads it back (one-line :class:`CheckpointError` for a corrupt, empty or foreign file), so that ``--resume`` can
+  refuse a checkpoint made with other data, space, batch size or seed.
+- :class:`StopOnSignal` turns SIGINT/SIGTERM during training into :class:`Interrupted` at the next batch boundary,
+  after writing ``last.ckpt`` if the last one is older than that batch.
 - :class:`ResumableDataLoader` shuffles with a permutation that depends only on ``(seed, epoch)`` and reports how
   many batches of the current pass it has handed out (Lightning's ``state_dict`` / ``load_state_dict`` protocol for
   data loaders), so that a search resumed from a mid-epoch checkpoint sees exactly the batches it would have seen.
@@ -9,15 +14,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import nni
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
@@ -39,8 +49,151 @@ def atomic_write_bytes(path: str | os.PathLike, write: Any) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + '\n'
+    """Write ``obj`` as JSON; NaN and infinities are refused (``ValueError``): they are not JSON."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + '\n'
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def remove_stray_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write_bytes` of ``folder/<name>`` left behind
+    (``.<name>.<random>.tmp``), for the given names only. Returns what was deleted."""
+    removed = []
+    for name in names:
+        for stray in Path(folder).glob(f'.{name}.*.tmp'):
+            if stray.is_file() and not stray.is_symlink():
+                stray.unlink(missing_ok=True)
+                removed.append(stray)
+    return removed
+
+
+# ----- the config a checkpoint was made with -----
+
+#: The key of the config in a checkpoint written with :class:`RecordConfig`.
+CONFIG_KEY = 'nni_idarts_config'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message is one line."""
+
+
+class RecordConfig(pl.Callback):
+    """Stores ``config`` (a JSON-like dict) in every checkpoint the trainer writes, under :data:`CONFIG_KEY`."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config stored in the Lightning checkpoint ``path`` by :class:`RecordConfig`; :class:`CheckpointError`
+    if the file cannot be read (empty, truncated, not a checkpoint) or was not written by a recorded search.
+
+    Loaded with ``weights_only=True``: a foreign file cannot run code here, and is refused before Lightning
+    (which unpickles fully) ever sees it."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise CheckpointError(f'cannot read checkpoint {path}: {error.strerror or error}') from error
+    if size == 0:
+        raise CheckpointError(f'checkpoint {path} is empty')
+    try:
+        with warnings.catch_warnings():  # torch warns about some foreign pickles: the error below says it in a line
+            warnings.simplefilter('ignore')
+            saved = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # torch raises many types for a torn or foreign file; all mean "not usable"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if reason.startswith('Weights only load failed'):
+            reason = 'it holds objects other than tensors and plain data; refused, as loading it could run code'
+        raise CheckpointError(f'checkpoint {path} is not a readable torch checkpoint ({reason[:120]})') from error
+    if not isinstance(saved, dict) or not {'state_dict', 'loops', 'optimizer_states'} <= set(saved):
+        raise CheckpointError(f'{path} is not a Lightning checkpoint of a search')
+    config = saved.get(CONFIG_KEY)
+    if not isinstance(config, dict):
+        raise CheckpointError(f'checkpoint {path} does not record the config it was made with (not written by '
+                              'nni-idarts search, or by an older version)')
+    return config
+
+
+# ----- stopping on a signal without losing the finished batches -----
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal (a BaseException, like KeyboardInterrupt, so ``except Exception`` in NNI or
+    Lightning does not swallow it). ``exit_code`` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, signum: int, checkpoint: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.checkpoint = checkpoint   #: the checkpoint that holds every finished batch, if there is one
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class StopOnSignal(pl.Callback):
+    """SIGINT and SIGTERM end the run with :class:`Interrupted`; during training, at the end of the current batch.
+
+    :meth:`installed` puts the handlers in place for a whole command. Outside training a signal raises at once
+    (nothing is lost: no batch has been trained, or all are done). During training it is recorded, and at the end
+    of the batch, if a :class:`~pytorch_lightning.callbacks.ModelCheckpoint` is in use and its last checkpoint is
+    older than this batch, ``last.ckpt`` is written first (from the same hook as ModelCheckpoint's own saves, so a
+    resume from it is exact). A second signal while waiting for the batch to end raises at once.
+
+    Lightning's own SIGTERM handling (it raises ``SIGTERMException``, a ``SystemExit`` with no exit code, i.e. exit
+    status 0) keeps running beside this; this callback raises first, at the end of the batch.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._training = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if not (self._training and first):
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator['StopOnSignal']:
+        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.signum is None:
+            return
+        self._training = False
+        saved = None
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                saved = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+                # ModelCheckpoint runs after this callback (Lightning orders checkpoint callbacks last), so the
+                # checkpoint of this very batch is not written yet.
+                if getattr(callback, '_last_global_step_saved', None) != trainer.global_step:
+                    trainer.save_checkpoint(saved)
+        raise Interrupted(self.signum, saved)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._training = False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

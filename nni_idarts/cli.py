@@ -1,47 +1,35 @@
 """The ``nni-idarts`` command: search -> export -> retrain, driven by a YAML config (see :mod:`nni_idarts.config`).
 
-    nni-idarts search CONFIG [--resume]      search; TensorBoard logs, checkpoints and arch.json in output_dir
-    nni-idarts retrain CONFIG --arch FILE    train the architecture in FILE from scratch, report test accuracy
-    nni-idarts show FILE                     print the architecture's cells and edges
+    nni-idarts search CONFIG [--resume | --overwrite]   search; TensorBoard logs, checkpoints, arch.json in output_dir
+    nni-idarts retrain CONFIG --arch FILE               train FILE's architecture from scratch, report test accuracy
+    nni-idarts show FILE                                print the architecture's cells and edges
 
-Files in ``output_dir``: ``tensorboard/`` (event files), ``checkpoints/last.ckpt`` (the whole search state),
-``arch.json`` (the exported architecture), ``config.yaml`` (the config with all defaults filled in),
-``retrain.json`` (the retraining result).
+Files in ``output_dir``: ``tensorboard/`` (event files), ``checkpoints/last.ckpt`` (the whole search state and the
+config it was made with), ``arch.json`` (the exported architecture), ``config.yaml`` (the config with all defaults
+filled in), ``retrain.json`` (the retraining result), ``nni/`` (NNI's experiment files), and the hidden
+``.nni-idarts.lock`` and ``.nni-idarts-outputs.json`` (see :mod:`nni_idarts.rundir`).
 
-Bad input (config, architecture file, data files) ends with one line on stderr and exit code 2.
+Every check (config, data, space, strategy, output folder, checkpoint for ``--resume``) runs before anything is
+written. Exit codes: 0 done; 2 bad input (one line on stderr); 1 a run without a usable result (diverged, alphas
+that never moved); 130 / 143 stopped by SIGINT / SIGTERM (after saving a checkpoint: ``--resume`` continues).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .pipeline import InputError, ResultError
+
 #: Exit code for bad input (the same as argparse's).
 EXIT_BAD_INPUT = 2
+#: Exit code for a run that ended without a usable result.
+EXIT_NO_RESULT = 1
 
-
-class InputError(ValueError):
-    """Bad input found while running a command (a one-line message)."""
-
-
-def _build(config: Any) -> tuple[Any, Any]:
-    """The data splits and a fresh model space for ``config`` (weights initialised from the search seed)."""
-    import pytorch_lightning as pl
-    from search_spaces import build_space
-
-    from .data import load_splits
-
-    splits = load_splits(**config.data)
-    in_channels = int(splits.train[0][0].shape[0])
-    seed = config.search['seed']
-    if seed is not None:
-        pl.seed_everything(seed, workers=True, verbose=False)  # the supernet's initial weights come from this seed
-    return splits, build_space(config.space_name, in_channels=in_channels, num_classes=splits.num_classes,
-                               **config.space_knobs)
+__all__ = ['main', 'InputError', 'EXIT_BAD_INPUT', 'EXIT_NO_RESULT']
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
@@ -55,36 +43,43 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .arch import format_arch, save_arch
+    from .checkpoint import RecordConfig, checkpoint_config
     from .config import load_config
-    from .search import search
-    from .strategy import IDartsStrategy
+    from .pipeline import build, check_resumable, run_search
+    from .rundir import RETRAIN_OUTPUTS, SEARCH_OUTPUTS, OutputDir
 
+    if args.resume and args.overwrite:
+        raise InputError('--resume continues the search in output_dir, --overwrite replaces it: give one of them')
     config = load_config(args.config)
-    out = Path(config.output_dir)
-    checkpoints, tensorboard = out / 'checkpoints', out / 'tensorboard'
+    out = OutputDir(config.output_dir)
+    out.check_usable()
+    checkpoints, tensorboard = out.path / 'checkpoints', out.path / 'tensorboard'
     last = checkpoints / 'last.ckpt'
-    if args.resume and not last.is_file():
-        raise InputError(f'--resume: no checkpoint at {last} (run the search without --resume first)')
-    if not args.resume:
-        # A fresh search starts a fresh record: old events and checkpoints would mix with the new ones.
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        shutil.rmtree(tensorboard, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_yaml(out / 'config.yaml', config.as_dict())
+    args.checkpoint = last
+    if args.resume:
+        if not last.is_file():
+            raise InputError(f'--resume: no checkpoint at {last} (run the search without --resume first)')
+        out.check_ours(SEARCH_OUTPUTS + RETRAIN_OUTPUTS)
+        check_resumable(checkpoint_config(last), config, str(last))
+    else:
+        out.check_fresh(args.overwrite)
+    prepared = build(config)
 
-    splits, space = _build(config)
-    try:
-        strategy = IDartsStrategy(**config.strategy)
-    except ValueError as error:
-        raise InputError(f'config error: strategy: {error}') from error
-    options = dict(config.search)
-    trainer_kwargs = {'log_every_n_steps': options.pop('log_every_n_steps'), 'accelerator': options.pop('accelerator')}
-    result = search(space, splits.train, splits.val, strategy, num_classes=splits.num_classes,
-                    workdir=str(out / 'nni'), tensorboard_dir=str(tensorboard), checkpoint_dir=str(checkpoints),
-                    resume_from=str(last) if args.resume else None,
-                    trainer_kwargs=trainer_kwargs, **options)
-    arch_path = out / 'arch.json'
-    save_arch(arch_path, result.arch, space={'name': config.space_name, **config.space_knobs}, probs=result.probs)
+    # Everything is checked: from here on the output folder is written.
+    with out.locked():
+        args.writing = True
+        if not args.resume:
+            out.check_fresh(args.overwrite)  # again, now that no other run can write here
+            out.remove(SEARCH_OUTPUTS + RETRAIN_OUTPUTS)  # only what this tool wrote (see rundir.py)
+        out.claim(SEARCH_OUTPUTS)
+        _write_yaml(out.path / 'config.yaml', config.as_dict())
+        result = run_search(prepared, config, workdir=str(out.path / 'nni'), tensorboard_dir=str(tensorboard),
+                            checkpoint_dir=str(checkpoints), resume_from=str(last) if args.resume else None,
+                            callbacks=[RecordConfig(config.as_dict()), args.stop])
+        out.remove(RETRAIN_OUTPUTS)  # it measured another architecture
+        arch_path = out.path / 'arch.json'
+        save_arch(arch_path, result.arch, space={'name': config.space_name, **config.space_knobs},
+                  probs=result.probs)
     print(format_arch(result.arch, json.loads(arch_path.read_text()).get('probs')))
     print(f'architecture written to {arch_path}; TensorBoard logs in {tensorboard}')
     return 0
@@ -96,7 +91,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from .arch import check_arch, load_arch_file
     from .checkpoint import atomic_write_json
     from .config import load_config
-    from .retrain import retrain
+    from .pipeline import build, run_retrain
+    from .rundir import RETRAIN_OUTPUTS, OutputDir
 
     config = load_config(args.config)
     doc = load_arch_file(args.arch)
@@ -105,18 +101,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if searched_in != config.space_name:
         raise InputError(f'arch error: {args.arch} was searched in space {searched_in!r}, but the config has space '
                          f'{config.space_name!r}')
-    splits, space = _build(config)
-    check_arch(doc['arch'], space, config.space_name)
-    # As in DARTS, the final network trains on all the training data: the search's train and val parts.
-    options = dict(config.retrain)
-    trainer_kwargs = {'logger': False, 'accelerator': options.pop('accelerator')}
-    result = retrain(space, doc['arch'], ConcatDataset([splits.train, splits.val]), splits.test,
-                     num_classes=splits.num_classes, trainer_kwargs=trainer_kwargs, **options)
-    out = Path(config.output_dir)
-    atomic_write_json(out / 'retrain.json', {'arch_file': str(args.arch), 'test_accuracy': result.accuracy,
-                                             'test_loss': result.loss, 'num_parameters': result.num_parameters})
+    out = OutputDir(config.output_dir)
+    out.check_usable()
+    out.check_ours(RETRAIN_OUTPUTS)
+    prepared = build(config)
+    check_arch(doc['arch'], prepared.space, config.space_name)
+    splits = prepared.splits
+    with out.locked():
+        # As in DARTS, the final network trains on all the training data: the search's train and val parts.
+        result = run_retrain(config, prepared.space, doc['arch'], ConcatDataset([splits.train, splits.val]),
+                             splits.test, splits.num_classes, callbacks=[args.stop])
+        out.claim(RETRAIN_OUTPUTS)
+        atomic_write_json(out.path / 'retrain.json', {
+            'arch_file': str(args.arch), 'test_accuracy': result.accuracy, 'test_loss': result.loss,
+            'num_parameters': result.num_parameters})
     print(f'test accuracy: {result.accuracy:.4f} (loss {result.loss:.4f}, {result.num_parameters} parameters, '
-          f'{len(splits.test)} test examples); written to {out / "retrain.json"}')
+          f'{len(splits.test)} test examples); written to {out.path / "retrain.json"}')
     return 0
 
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser('search', help='search a space; writes TensorBoard logs, checkpoints, arch.json')
     search.add_argument('config', help='YAML config')
     search.add_argument('--resume', action='store_true', help="continue from output_dir's checkpoints/last.ckpt")
+    search.add_argument('--overwrite', action='store_true',
+                        help="replace a previous search in output_dir (deletes only the files nni-idarts wrote)")
     search.set_defaults(run=cmd_search)
     retrain = commands.add_parser('retrain', help='train an exported architecture from scratch; report test accuracy')
     retrain.add_argument('config', help='YAML config (space, data, retrain sections)')
@@ -150,21 +152,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped(args: argparse.Namespace, signal_name: str) -> str:
+    last = getattr(args, 'checkpoint', None)
+    if args.command == 'search' and last is not None and Path(last).is_file():
+        return f'stopped by {signal_name}; the search can continue with --resume (checkpoint {last})'
+    if args.command == 'search' and getattr(args, 'writing', False):
+        return f'stopped by {signal_name} before the first checkpoint; start the search again with --overwrite'
+    return f'stopped by {signal_name}; nothing was written'
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from .arch import ArchError
+    from .checkpoint import CheckpointError, Interrupted, StopOnSignal
     from .config import ConfigError
     from .data import DataError
     from .module import NonFiniteStepError
+    from .rundir import OutputDirError
 
+    prefix = f'nni-idarts {args.command}'
+    args.stop = StopOnSignal()
     try:
-        return args.run(args)
-    except (ConfigError, ArchError, DataError, InputError) as error:
-        print(f'nni-idarts {args.command}: {error}', file=sys.stderr)
+        with args.stop.installed():
+            return args.run(args)
+    except (ConfigError, ArchError, DataError, InputError, OutputDirError) as error:
+        print(f'{prefix}: {error}', file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFiniteStepError as error:  # also NonFiniteHypergradientError, its subclass
-        print(f'nni-idarts {args.command}: search stopped: {error}', file=sys.stderr)
-        return 1
+    except CheckpointError as error:
+        print(f'{prefix}: --resume: {error}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (NonFiniteStepError, ResultError) as error:  # NonFiniteHypergradientError is a NonFiniteStepError
+        print(f'{prefix}: {args.command} failed: {error}', file=sys.stderr)
+        return EXIT_NO_RESULT
+    except Interrupted as stop:
+        print(f'{prefix}: {_stopped(args, stop.signal_name)}', file=sys.stderr)
+        return stop.exit_code
+    except SIGTERMException:  # Lightning's (a SystemExit without a code, i.e. exit status 0): never a success
+        print(f'{prefix}: {_stopped(args, "SIGTERM")}', file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ from nni.nas.evaluator.pytorch import ClassificationModule
 from nni.nas.nn.pytorch import ModelSpace
 from torch.utils.data import DataLoader, Dataset
 
-from .search import MomentumSGD
+from .search import MomentumSGD, check_run_arguments
 
 
 @dataclass
@@ -60,6 +60,8 @@ def train_and_evaluate(model: nn.Module, train_data: Dataset, eval_data: Dataset
                        trainer_kwargs: dict[str, Any] | None = None) -> RetrainResult:
     """Train ``model`` on ``train_data`` (SGD, momentum 0.9, cosine-annealed learning rate) and report accuracy and
     loss on ``eval_data``."""
+    check_run_arguments(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+                        seed=seed)
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
     module = CosineClassificationModule(num_classes=num_classes, learning_rate=learning_rate, weight_decay=weight_decay,

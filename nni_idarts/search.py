@@ -21,6 +21,7 @@ from nni.nas.strategy import DARTS
 from torch.utils.data import Dataset
 
 from .checkpoint import AtomicCheckpointIO, resumable_loader
+from .errors import require_int, require_number
 from .reporting import trial_parameters_preserved
 from .strategy import IDartsStrategy
 
@@ -48,6 +49,22 @@ class _ReportableAfterResume(pl.Callback):
             trainer.callback_metrics['train_acc'] = torch.tensor(float('nan'))
 
 
+#: ``pl.seed_everything`` takes unsigned 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_run_arguments(*, epochs: int, batch_size: int, learning_rate: float, weight_decay: float,
+                        seed: int | None) -> None:
+    """Raise ``ValueError`` for arguments a training run cannot use (shared by :func:`search` and retraining):
+    ``epochs=0`` would export or report an untrained network, ``epochs=-1`` means "forever" to Lightning."""
+    require_int('epochs', epochs, minimum=1)
+    require_int('batch_size', batch_size, minimum=1)
+    require_number('learning_rate', learning_rate, minimum=0.0, inclusive=False)
+    require_number('weight_decay', weight_decay, minimum=0.0, inclusive=True)
+    if seed is not None:
+        require_int('seed', seed, minimum=0, maximum=MAX_SEED)
+
+
 def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy | DARTS, *,
            epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025, weight_decay: float = 3e-4,
            num_classes: int = 10, seed: int | None = 0, workdir: str | None = None,
@@ -72,6 +89,13 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning shards
     the samplers across the ranks.
     """
+    check_run_arguments(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+                        seed=seed)
+    require_int('checkpoint_every_n_steps', checkpoint_every_n_steps, minimum=1)
+    warmup = getattr(strategy, 'warmup_epochs', 0)
+    if isinstance(warmup, int) and warmup >= epochs:
+        raise ValueError(f'warmup_epochs={warmup} must be less than epochs={epochs}: the warm-up trains only the '
+                         'weights, so no architecture step would run.')
     for name, data in (('train_data', train_data), ('val_data', val_data)):
         if hasattr(data, '__len__') and len(data) == 0:  # type: ignore[arg-type]
             raise ValueError(f'{name} is empty: the search needs training data for the weights and validation data '

@@ -2,123 +2,68 @@
 
     python -m nni_idarts.trial [--output-dir DIR]
 
-The tuner's parameters (``nni.get_next_parameter()``) set the search's hyperparameters (see :data:`PARAMETERS`;
-missing ones keep their defaults). The trial
+It is the ``nni-idarts`` command's search + retrain pipeline (:mod:`nni_idarts.pipeline`) driven by a config:
+:data:`TRIAL_CONFIG` (small enough for a CPU trial) with the tuner's parameters (``nni.get_next_parameter()``) put
+over it. The tuner's keys are the config's dotted names (``strategy.K``, ``search.learning_rate``,
+``space.channels``, ...), checked by the same schema as the YAML config (:mod:`nni_idarts.config`). The trial
 
-1. searches :class:`~search_spaces.DigitsCellSpace` with :class:`~nni_idarts.IDartsStrategy` through
-   :func:`nni_idarts.search.search`; the strategy reports each epoch to NNI as an intermediate result by itself
-   (``'default'``: the validation accuracy of the architecture steps);
+1. searches the space (by default :class:`~search_spaces.DigitsCellSpace` on scikit-learn's digits); the strategy
+   reports each epoch to NNI as an intermediate result by itself (``'default'``: the validation accuracy of the
+   architecture steps);
 2. writes the exported architecture to ``arch.json`` in the trial's output directory (``NNI_OUTPUT_DIR``);
-3. retrains that architecture from scratch on the train split for ``retrain_epochs`` epochs and reports its
-   accuracy on the validation split as the trial's final result (and writes everything to ``result.json``).
+3. retrains that architecture from scratch on the train split as ``retrain`` says and reports its accuracy on the
+   validation split as the trial's final result, once, and only if it is finite (everything goes to
+   ``result.json``).
 
 Outside NNI it runs with the defaults and writes to ``--output-dir`` (default ``nni-idarts-trials/STANDALONE``).
-A bad parameter stops the trial with one line on stderr and exit code 2, before anything is trained.
+Exit codes as the command's: 2 for a bad parameter (one line on stderr, before anything is trained), 1 for a
+diverged run (nothing reported), 130/143 for SIGINT/SIGTERM (nothing reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import sys
 from typing import Any, Mapping, Sequence
 
 import nni
-from search_spaces.digits import DigitsCellSpace
 
-from .checkpoint import atomic_write_json
-from .data import digits_splits
-from .module import HYPERGRADIENTS
+from .checkpoint import StopOnSignal, atomic_write_json
+from .config import Config, ConfigError, config_with_overrides
+from .pipeline import InputError, ResultError, build, build_space_for, run_retrain, run_search
 from .reporting import outside_trial
-from .retrain import retrain
-from .search import search
-from .strategy import IDartsStrategy
+
+#: The trial's config before the tuner's values: a CPU-sized digits search. Keys left out take the defaults of the
+#: functions they configure, as in a YAML config.
+TRIAL_CONFIG: dict[str, Any] = {
+    'space': {'name': 'digits', 'channels': 8, 'num_cells': 1},
+    'data': {'name': 'digits', 'seed': 0},
+    'strategy': {'hypergradient': 'implicit', 'K': 2, 'inner_steps': 2, 'arc_learning_rate': 3e-2},
+    'search': {'epochs': 3, 'batch_size': 32, 'learning_rate': 0.1, 'weight_decay': 3e-4, 'seed': 0},
+    'retrain': {'epochs': 4, 'batch_size': 32, 'learning_rate': 0.1, 'weight_decay': 3e-4, 'seed': 0},
+}
+#: Keys that the trial sets itself: it reports its own final result (the retrained accuracy), exactly once.
+FIXED = {'strategy.report_final_result': False}
 
 
-class TrialParameterError(ValueError):
+class TrialParameterError(ConfigError):
     """A parameter from the tuner that the trial does not know or cannot use."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrialConfig:
-    """Everything a trial can be told; the field names are the keys of NNI's search space."""
-    # IDartsStrategy
-    hypergradient: str = 'implicit'
-    K: int = 2
-    gamma: float | None = None          # None: the weight learning rate (the paper's choice)
-    inner_steps: int = 2
-    arc_learning_rate: float = 3e-2
-    # the search's weight training (nni_idarts.search.search)
-    learning_rate: float = 0.1
-    weight_decay: float = 3e-4
-    batch_size: int = 32
-    epochs: int = 3
-    # the space (search_spaces.DigitsCellSpace)
-    channels: int = 8
-    num_cells: int = 1
-    # retraining the exported architecture (nni_idarts.retrain.retrain)
-    retrain_epochs: int = 4
-    retrain_learning_rate: float = 0.1
-    seed: int = 0
-
-
-#: name -> (kind, smallest allowed value); kind is 'int', 'float', 'optional_float' or a tuple of allowed strings.
-PARAMETERS: dict[str, tuple[Any, float | None]] = {
-    'hypergradient': (HYPERGRADIENTS, None),
-    'K': ('int', 0),
-    'gamma': ('optional_float', 0.0),
-    'inner_steps': ('int', 1),
-    'arc_learning_rate': ('float', 0.0),
-    'learning_rate': ('float', 0.0),
-    'weight_decay': ('float', 0.0),
-    'batch_size': ('int', 1),
-    'epochs': ('int', 1),
-    'channels': ('int', 1),
-    'num_cells': ('int', 1),
-    'retrain_epochs': ('int', 1),
-    'retrain_learning_rate': ('float', 0.0),
-    'seed': ('int', 0),
-}
-assert set(PARAMETERS) == {f.name for f in dataclasses.fields(TrialConfig)}
-
-
-def _convert(name: str, value: Any) -> Any:
-    kind, minimum = PARAMETERS[name]
-    if isinstance(kind, tuple):
-        if value not in kind:
-            raise TrialParameterError(f'parameter {name!r} must be one of {", ".join(map(repr, kind))}; got {value!r}')
-        return value
-    if kind == 'optional_float' and value is None:
-        return None
-    # Tuners send numbers as int or float (quniform and friends give 4.0 for an integer); nothing else is a number.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TrialParameterError(f'parameter {name!r} must be a finite number; got {value!r}')
-    if kind == 'int':
-        if value != int(value):
-            raise TrialParameterError(f'parameter {name!r} must be an integer; got {value!r}')
-        value = int(value)
-        if value < minimum:
-            raise TrialParameterError(f'parameter {name!r} must be >= {minimum}; got {value!r}')
-        return value
-    value = float(value)
-    if value <= minimum:
-        raise TrialParameterError(f'parameter {name!r} must be > {minimum}; got {value!r}')
-    return value
-
-
-def trial_config(parameters: Mapping[str, Any] | None) -> TrialConfig:
-    """Check the tuner's ``parameters`` and put them over the defaults. Raises :class:`TrialParameterError`."""
-    if parameters is None:
-        parameters = {}
-    if not isinstance(parameters, Mapping):
-        raise TrialParameterError(f'the trial parameters must be a dict; got {type(parameters).__name__}')
-    unknown = sorted(set(parameters) - set(PARAMETERS))
-    if unknown:
-        raise TrialParameterError(f'unknown parameter(s) {", ".join(map(repr, unknown))}; '
-                                  f'known: {", ".join(PARAMETERS)}')
-    return TrialConfig(**{name: _convert(name, value) for name, value in parameters.items()})
+def trial_config(parameters: Mapping[str, Any] | None) -> Config:
+    """:data:`TRIAL_CONFIG` with the tuner's ``parameters`` (dotted names) over it, checked by the config's schema.
+    Raises :class:`TrialParameterError`."""
+    parameters = {} if parameters is None else parameters
+    if isinstance(parameters, Mapping):
+        fixed = [name for name in parameters if name in FIXED]
+        if fixed:
+            raise TrialParameterError(f"config error: '{fixed[0]}' is set by the trial itself")
+    try:
+        return config_with_overrides(TRIAL_CONFIG, {**parameters, **FIXED} if isinstance(parameters, Mapping)
+                                     else parameters)
+    except ConfigError as error:
+        raise TrialParameterError(str(error)) from error
 
 
 def output_dir(override: str | None = None) -> str:
@@ -126,44 +71,59 @@ def output_dir(override: str | None = None) -> str:
     return override or os.environ.get('NNI_OUTPUT_DIR') or os.path.join('nni-idarts-trials', nni.get_trial_id())
 
 
-def run_trial(config: TrialConfig, out_dir: str) -> dict[str, Any]:
-    """Search, store the architecture, retrain it and report the final result. Returns what ``result.json`` holds."""
-    splits = digits_splits(config.seed)
+def run_trial(config: Config, out_dir: str, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Search, store the architecture, retrain it and report the final result. Returns what ``result.json`` holds.
+
+    Raises :class:`~nni_idarts.pipeline.InputError` (or ``DataError``) before any training for a config the
+    pipeline cannot use, :class:`~nni_idarts.pipeline.ResultError` (nothing reported) for a non-finite result."""
     quiet = {'enable_progress_bar': False, 'enable_model_summary': False}
-    strategy = IDartsStrategy(hypergradient=config.hypergradient, K=config.K, gamma=config.gamma,
-                              inner_steps=config.inner_steps, arc_learning_rate=config.arc_learning_rate,
-                              report_final_result=False)  # this trial's final result is the retrained accuracy
-    found = search(DigitsCellSpace(channels=config.channels, num_cells=config.num_cells), splits.train, splits.val,
-                   strategy, epochs=config.epochs, batch_size=config.batch_size,
-                   learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=config.seed,
-                   trainer_kwargs=quiet)
+    prepared = build(config)  # every check first: data, space, strategy, accelerator
+    splits = prepared.splits
+    found = run_search(prepared, config, callbacks=callbacks, trainer_kwargs=quiet)
     atomic_write_json(os.path.join(out_dir, 'arch.json'), found.arch)  # kept even if the retraining fails
 
     # NNI's evaluator module would report the retraining as a final result of its own; the trial reports it below.
     with outside_trial():
-        retrained = retrain(DigitsCellSpace(channels=config.channels, num_cells=config.num_cells), found.arch,
-                            splits.train, splits.val, epochs=config.retrain_epochs, batch_size=config.batch_size,
-                            learning_rate=config.retrain_learning_rate, weight_decay=config.weight_decay,
-                            seed=config.seed, trainer_kwargs=quiet)
+        space = build_space_for(config, splits)  # retrain() draws fresh weights for the fixed model anyway
+        retrained = run_retrain(config, space, found.arch, splits.train, splits.val, splits.num_classes,
+                                callbacks=callbacks, trainer_kwargs=quiet)
     final = {'default': retrained.accuracy, 'val_loss': retrained.loss,
              'num_parameters': float(retrained.num_parameters)}
-    result = {'parameters': dataclasses.asdict(config), 'arch': found.arch, 'probs': found.probs, 'final': final}
+    result = {'parameters': config.flat(), 'arch': found.arch, 'probs': found.probs, 'final': final}
     atomic_write_json(os.path.join(out_dir, 'result.json'), result)
     nni.report_final_result(final)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from .checkpoint import Interrupted
+    from .data import DataError
+    from .module import NonFiniteStepError
+
     parser = argparse.ArgumentParser(prog='python -m nni_idarts.trial', description=__doc__.splitlines()[0])
     parser.add_argument('--output-dir', default=None,
                         help='where arch.json and result.json go (default: $NNI_OUTPUT_DIR, the trial\'s directory)')
     args = parser.parse_args(argv)
+    prefix = 'nni_idarts.trial'
+    stop = StopOnSignal()
     try:
-        config = trial_config(nni.get_next_parameter())
-    except TrialParameterError as error:
-        print(f'nni_idarts.trial: {error}', file=sys.stderr)
+        with stop.installed():
+            config = trial_config(nni.get_next_parameter())
+            run_trial(config, output_dir(args.output_dir), callbacks=[stop])
+    except (ConfigError, InputError, DataError) as error:
+        print(f'{prefix}: {error}', file=sys.stderr)
         return 2
-    run_trial(config, output_dir(args.output_dir))
+    except (NonFiniteStepError, ResultError) as error:
+        print(f'{prefix}: trial failed: {error}', file=sys.stderr)
+        return 1
+    except Interrupted as stopped:
+        print(f'{prefix}: stopped by {stopped.signal_name}; no final result was reported', file=sys.stderr)
+        return stopped.exit_code
+    except SIGTERMException:
+        print(f'{prefix}: stopped by SIGTERM; no final result was reported', file=sys.stderr)
+        return 143
     return 0
 
 

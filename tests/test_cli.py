@@ -124,7 +124,7 @@ def test_config_errors(tmp_path, capsys):
     assert "'search.batch_size' must be int, got float 3.5" in bad_input(
         capsys, 'search', str(write_config(tmp_path, search={'batch_size': 3.5})))
     assert "'space.name' must be one of" in bad_input(capsys, 'search', str(write_config(tmp_path, space={'name': 'x'})))
-    assert 'hypergradient must be one of' in bad_input(
+    assert "'strategy.hypergradient' must be one of" in bad_input(
         capsys, 'search', str(write_config(tmp_path, strategy={'hypergradient': 'magic'})))
     assert '--resume: no checkpoint' in bad_input(capsys, 'search', str(write_config(tmp_path)), '--resume')
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from nni_idarts.trial import TrialConfig
+from nni_idarts.trial import TRIAL_CONFIG
 from search_spaces.digits import DIGITS_OPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_nnictl_experiment_runs_idarts_trials_to_done(tmp_path):
     # nnictl stop really stopped the manager.
     assert result['stop_returncode'] == 0 and result['reachable_after_stop'] is False
 
-    epochs = TrialConfig().epochs
+    epochs = TRIAL_CONFIG['search']['epochs']
     seen_parameters = []
     for trial in result['trials']:
         trial_id = trial['trialJobId']
