@@ -1,12 +1,14 @@
 """The ``nni-idarts`` command: search -> export -> retrain, driven by a YAML config (see :mod:`nni_idarts.config`).
 
     nni-idarts search CONFIG [--resume]      search; TensorBoard logs, checkpoints and arch.json in output_dir
+    nni-idarts search CONFIG --webui         the same search as one NNI trial, watched in NNI's web UI
     nni-idarts retrain CONFIG --arch FILE    train the architecture in FILE from scratch, report test accuracy
-    nni-idarts show FILE                     print the architecture's cells and edges
+    nni-idarts show FILE [--plot PNG]        print (and draw) the architecture's cells and edges
 
 Files in ``output_dir``: ``tensorboard/`` (event files), ``checkpoints/last.ckpt`` (the whole search state),
 ``arch.json`` (the exported architecture), ``config.yaml`` (the config with all defaults filled in),
-``retrain.json`` (the retraining result).
+``retrain.json`` (the retraining result), ``probs.png`` (the architecture probabilities over the search),
+``search.log`` / ``retrain.log`` (what NNI and Lightning said; the console shows it only with ``--verbose``).
 
 Bad input (config, architecture file, data files) ends with one line on stderr and exit code 2.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,9 +59,14 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from .arch import format_arch, save_arch
     from .config import load_config
+    from .console import EpochProgressBar, format_summary, quiet
+    from .plot import save_prob_trajectories
     from .search import search
     from .strategy import IDartsStrategy
 
+    if args.webui:
+        from .webui import search_in_webui
+        return search_in_webui(args.config, port=args.port, keep=args.keep, resume=args.resume)
     config = load_config(args.config)
     out = Path(config.output_dir)
     checkpoints, tensorboard = out / 'checkpoints', out / 'tensorboard'
@@ -78,15 +86,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise InputError(f'config error: strategy: {error}') from error
     options = dict(config.search)
-    trainer_kwargs = {'log_every_n_steps': options.pop('log_every_n_steps'), 'accelerator': options.pop('accelerator')}
-    result = search(space, splits.train, splits.val, strategy, num_classes=splits.num_classes,
-                    workdir=str(out / 'nni'), tensorboard_dir=str(tensorboard), checkpoint_dir=str(checkpoints),
-                    resume_from=str(last) if args.resume else None,
-                    trainer_kwargs=trainer_kwargs, **options)
-    arch_path = out / 'arch.json'
-    save_arch(arch_path, result.arch, space={'name': config.space_name, **config.space_knobs}, probs=result.probs)
-    print(format_arch(result.arch, json.loads(arch_path.read_text()).get('probs')))
-    print(f'architecture written to {arch_path}; TensorBoard logs in {tensorboard}')
+    progress = EpochProgressBar()
+    trainer_kwargs = {'log_every_n_steps': options.pop('log_every_n_steps'), 'accelerator': options.pop('accelerator'),
+                      'callbacks': [progress]}
+    started = time.monotonic()
+    with quiet(out / 'search.log', verbose=args.verbose) as log:
+        result = search(space, splits.train, splits.val, strategy, num_classes=splits.num_classes,
+                        workdir=str(out / 'nni'), tensorboard_dir=str(tensorboard), checkpoint_dir=str(checkpoints),
+                        resume_from=str(last) if args.resume else None,
+                        trainer_kwargs=trainer_kwargs, **options)
+        arch_path = out / 'arch.json'
+        save_arch(arch_path, result.arch, space={'name': config.space_name, **config.space_knobs}, probs=result.probs)
+        probs_png = save_prob_trajectories(tensorboard, out / 'probs.png')
+    files = {'architecture': arch_path, 'probabilities over the search': probs_png or '(no prob/ scalars logged)',
+             'TensorBoard logs': tensorboard, 'checkpoint': last, 'full log': log.path}
+    print(format_summary(format_arch(result.arch, json.loads(arch_path.read_text()).get('probs')),
+                         seconds=time.monotonic() - started, epochs=options['epochs'],
+                         metrics=progress.epoch_means[-1] if progress.epoch_means else None, files=files, hidden=log))
+    print(f'next: nni-idarts retrain {args.config} --arch {arch_path}   (draw it: nni-idarts show {arch_path} --plot '
+          f'{out / "arch.png"})')
     return 0
 
 
@@ -96,6 +114,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from .arch import check_arch, load_arch_file
     from .checkpoint import atomic_write_json
     from .config import load_config
+    from .console import quiet
     from .retrain import retrain
 
     config = load_config(args.config)
@@ -110,9 +129,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     # As in DARTS, the final network trains on all the training data: the search's train and val parts.
     options = dict(config.retrain)
     trainer_kwargs = {'logger': False, 'accelerator': options.pop('accelerator')}
-    result = retrain(space, doc['arch'], ConcatDataset([splits.train, splits.val]), splits.test,
-                     num_classes=splits.num_classes, trainer_kwargs=trainer_kwargs, **options)
     out = Path(config.output_dir)
+    with quiet(out / 'retrain.log', verbose=args.verbose):
+        result = retrain(space, doc['arch'], ConcatDataset([splits.train, splits.val]), splits.test,
+                         num_classes=splits.num_classes, trainer_kwargs=trainer_kwargs, **options)
     atomic_write_json(out / 'retrain.json', {'arch_file': str(args.arch), 'test_accuracy': result.accuracy,
                                              'test_loss': result.loss, 'num_parameters': result.num_parameters})
     print(f'test accuracy: {result.accuracy:.4f} (loss {result.loss:.4f}, {result.num_parameters} parameters, '
@@ -129,6 +149,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         knobs = ', '.join(f'{k}={v}' for k, v in space.items() if k != 'name')
         print(f'space: {space.get("name")} ({knobs})')
     print(format_arch(doc['arch'], doc['probs']))
+    if args.plot:
+        from .plot import draw_arch
+        try:
+            drawn = draw_arch(doc['arch'], doc['probs'], args.plot, doc['space'])
+        except ValueError as error:
+            raise InputError(f'--plot: {error}') from error
+        print(f'{drawn} written to {args.plot}')
     return 0
 
 
@@ -139,13 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser('search', help='search a space; writes TensorBoard logs, checkpoints, arch.json')
     search.add_argument('config', help='YAML config')
     search.add_argument('--resume', action='store_true', help="continue from output_dir's checkpoints/last.ckpt")
+    search.add_argument('--verbose', action='store_true', help="also show NNI's and Lightning's messages (always in "
+                        'output_dir/search.log)')
+    search.add_argument('--webui', action='store_true', help="run the search as one NNI trial under nnictl, to watch it "
+                        "in NNI's web UI (NNI's manager listens on all network interfaces)")
+    search.add_argument('--port', type=int, default=8080, help='--webui: the web UI port (default 8080)')
+    search.add_argument('--keep', action='store_true', help='--webui: leave the experiment viewable after the search '
+                        '(stop it with nnictl stop)')
     search.set_defaults(run=cmd_search)
     retrain = commands.add_parser('retrain', help='train an exported architecture from scratch; report test accuracy')
     retrain.add_argument('config', help='YAML config (space, data, retrain sections)')
     retrain.add_argument('--arch', required=True, help='architecture JSON written by `nni-idarts search`')
+    retrain.add_argument('--verbose', action='store_true', help="also show NNI's and Lightning's messages (always in "
+                         'output_dir/retrain.log)')
     retrain.set_defaults(run=cmd_retrain)
     show = commands.add_parser('show', help="print an architecture's cells and edges")
     show.add_argument('arch', help='architecture JSON')
+    show.add_argument('--plot', metavar='PNG', help='draw the cells as graphs (or, for other spaces, the probabilities '
+                      'as bars) into this PNG file')
     show.set_defaults(run=cmd_show)
     return parser
 

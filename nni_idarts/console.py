@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 #: Loggers of the libraries a search runs through (top-level names only, so that no record is written twice); their
 #: records go to the log file, and below ERROR not to the console. (NNI logs to stdout through its own handler on
 #: ``nni``; Lightning to stderr through a handler on ``pytorch_lightning``.)
-THIRD_PARTY_LOGGERS = ('nni', 'pytorch_lightning', 'lightning', 'lightning_fabric', 'torch')
+THIRD_PARTY_LOGGERS = ('nni', 'pytorch_lightning', 'lightning', 'lightning_fabric', 'torch', 'matplotlib')
 #: Where warnings count as ours (always shown): the packages of this project.
 _OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package) + os.sep
                   for package in ('nni_idarts', 'search_spaces'))
@@ -52,7 +52,9 @@ class _ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
-        self.log.hidden += 1
+        if not getattr(record, '_hidden_by_quiet', False):  # count a record once, however many handlers it meets
+            record._hidden_by_quiet = True
+            self.log.hidden += 1
         return False
 
 
@@ -80,11 +82,11 @@ def quiet(log_path: str | Path, verbose: bool = False) -> Iterator[QuietLog]:
     for logger in loggers:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)  # the log file gets INFO too (Lightning's device and model summaries)
-        logger.addHandler(file_handler)
         if not verbose:
             for handler in _console_handlers(logger):
                 handler.addFilter(console_filter)
                 filtered.append(handler)
+        logger.addHandler(file_handler)
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: TextIO | None = None, line: str | None = None) -> None:
@@ -152,6 +154,12 @@ class EpochProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         self._sums = {}
+        bar = self._train_progress_bar
+        if bar is not None and bar.n == 0:
+            # The bar Lightning opened in on_train_start; with leave=True each epoch opens its own, so this one
+            # would stay behind as an empty "Training: 0/?" line.
+            bar.leave = False
+            bar.close()
         super().on_train_epoch_start(trainer, *args)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -49,24 +49,27 @@ def _chosen(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def _edge_cell(title: str, arch: Mapping[str, Any], probs: Any, labels: dict[tuple[int, int], str],
-               names: Sequence[str]) -> CellGraph:
-    """A cell whose ops sit on edges ``i -> j`` (digits, NAS-Bench-201); ``names`` names the nodes."""
+def _edge_cell(title: str, arch: Mapping[str, Any], probs: Any, label_format: str, names: Sequence[str]) -> CellGraph:
+    """A cell with an op on every edge ``i -> j``, i < j (digits, NAS-Bench-201); ``names`` names the nodes."""
     graph = CellGraph(title, list(names))
-    for (i, j), label in sorted(labels.items(), key=lambda item: (item[0][1], item[0][0])):
-        graph.edges.append(Edge(names[i], names[j], str(arch[label]), _prob(probs, label, arch[label])))
+    for j in range(1, len(names)):
+        for i in range(j):
+            label = label_format.format(i, j)
+            graph.edges.append(Edge(names[i], names[j], str(arch[label]), _prob(probs, label, arch[label])))
     return graph
 
 
 def _darts_cell(kind: str, arch: Mapping[str, Any], probs: Any) -> CellGraph:
     nodes = sorted({int(m[1]) for label in arch if (m := re.fullmatch(rf'{kind}/op_(\d+)_\d+', label))})
+    if not nodes:
+        raise KeyError(f'{kind}/op_2_0')
     names = ['c_{k-2}', 'c_{k-1}'] + [str(n) for n in nodes] + ['c_{k}']  # the cell's inputs and output
     graph = CellGraph(f'{kind} cell', names)
     for node in nodes:
         for k in sorted(int(m[1]) for label in arch if (m := re.fullmatch(rf'{kind}/op_{node}_(\d+)', label))):
             op_label, input_label = f'{kind}/op_{node}_{k}', f'{kind}/input_{node}_{k}'
             op = str(arch[op_label])
-            for source in _chosen(arch.get(input_label, k)):
+            for source in _chosen(arch[input_label]):
                 graph.edges.append(Edge(names[source], str(node), op, _prob(probs, op_label, op)))
     graph.edges.extend(Edge(str(node), 'c_{k}') for node in nodes)  # the cell output concatenates its nodes
     return graph
@@ -114,14 +117,11 @@ def cell_graphs(arch: Mapping[str, Any], probs: Mapping[str, Mapping[str, float]
     space = space or space_of(arch)
     try:
         if space == 'digits':
-            labels = {(int(m[1]), int(m[2])): label for label in arch if (m := re.fullmatch(r'edge_(\d+)_(\d+)', label))}
-            return [_edge_cell('digits cell', arch, probs, labels, ['input', '1', 'output'])]
+            return [_edge_cell('digits cell', arch, probs, 'edge_{}_{}', ['input', '1', 'output'])]
         if space == 'nasbench201':
-            labels = {(int(m[1]), int(m[2])): label for label in arch if (m := re.fullmatch(r'cell/(\d+)_(\d+)', label))}
-            return [_edge_cell('NAS-Bench-201 cell', arch, probs, labels, ['input', '1', '2', 'output'])]
+            return [_edge_cell('NAS-Bench-201 cell', arch, probs, 'cell/{}_{}', ['input', '1', '2', 'output'])]
         if space == 'darts':
-            return [_darts_cell(kind, arch, probs) for kind in ('normal', 'reduce')
-                    if any(label.startswith(f'{kind}/') for label in arch)]
+            return [_darts_cell(kind, arch, probs) for kind in ('normal', 'reduce')]
         if space in ('nasbench1shot1_1', 'nasbench1shot1_2', 'nasbench1shot1_3'):
             return [_nasbench1shot1_cell(int(space[-1]), arch, probs)]
     except (KeyError, IndexError, TypeError, ValueError) as error:
@@ -309,7 +309,7 @@ def read_prob_trajectories(tensorboard_dir: str | Path) -> dict[str, dict[str, l
 
 def draw_prob_trajectories(trajectories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
                            path: str | Path, title: str = 'architecture probabilities during the search') -> None:
-    """One small plot per label: each choice's probability over the training steps."""
+    """One small plot per label: each choice's probability over Lightning's global steps."""
     if not trajectories:
         raise ValueError('no probability scalars (prob/...) to plot')
     plt = _pyplot()
@@ -329,8 +329,17 @@ def draw_prob_trajectories(trajectories: Mapping[str, Mapping[str, Sequence[tupl
     for ax in list(axes.flat)[len(labels):]:
         ax.axis('off')
     for ax in axes[-1]:
-        ax.set_xlabel('step', fontsize=8)
+        ax.set_xlabel('training step', fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_prob_trajectories(tensorboard_dir: str | Path, path: str | Path) -> Path | None:
+    """Draw the ``prob/`` scalars of ``tensorboard_dir`` to ``path``; ``None`` (nothing written) if there are none."""
+    trajectories = read_prob_trajectories(tensorboard_dir)
+    if not trajectories:
+        return None
+    draw_prob_trajectories(trajectories, path)
+    return Path(path)
