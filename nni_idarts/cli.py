@@ -66,7 +66,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.webui:
         from .webui import search_in_webui
-        return search_in_webui(args.config, port=args.port, keep=args.keep, resume=args.resume)
+        return search_in_webui(args.config, port=args.port or 8080, keep=args.keep, resume=args.resume)
+    if args.port is not None or args.keep:
+        raise InputError('--port and --keep go with --webui')
     config = load_config(args.config)
     out = Path(config.output_dir)
     checkpoints, tensorboard = out / 'checkpoints', out / 'tensorboard'
@@ -155,6 +157,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             drawn = draw_arch(doc['arch'], doc['probs'], args.plot, doc['space'])
         except ValueError as error:
             raise InputError(f'--plot: {error}') from error
+        except OSError as error:
+            raise InputError(f'--plot: cannot write {args.plot}: {error.strerror or error}') from error
         print(f'{drawn} written to {args.plot}')
     return 0
 
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'output_dir/search.log)')
     search.add_argument('--webui', action='store_true', help="run the search as one NNI trial under nnictl, to watch it "
                         "in NNI's web UI (NNI's manager listens on all network interfaces)")
-    search.add_argument('--port', type=int, default=8080, help='--webui: the web UI port (default 8080)')
+    search.add_argument('--port', type=int, default=None, help='--webui: the web UI port (default 8080)')
     search.add_argument('--keep', action='store_true', help='--webui: leave the experiment viewable after the search '
                         '(stop it with nnictl stop)')
     search.set_defaults(run=cmd_search)

@@ -164,3 +164,12 @@ def test_probability_trajectories_from_tensorboard(tmp_path):
     assert_picture(picture)
     with pytest.raises(ValueError):
         draw_prob_trajectories({}, picture)
+
+
+def test_show_plot_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    arch, probs = example('digits', channels=4, num_cells=1)
+    arch_file = tmp_path / 'arch.json'
+    arch_file.write_text(json.dumps({'arch': arch, 'probs': probs}))
+    assert main(['show', str(arch_file), '--plot', str(tmp_path / 'no' / 'such' / 'dir.png')]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('nni-idarts show: --plot: cannot write') and '\n' not in err

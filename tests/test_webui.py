@@ -36,6 +36,8 @@ def test_bad_port_is_refused_before_nni_starts(tmp_path, capsys):
     assert main(['search', str(config), '--webui', '--port', '70000']) == EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip() == 'nni-idarts search: --port must be between 1 and 65535; got 70000'
     assert not (tmp_path / 'run').exists()
+    assert main(['search', str(config), '--keep']) == EXIT_BAD_INPUT  # --keep without --webui means nothing
+    assert capsys.readouterr().err.strip() == 'nni-idarts search: --port and --keep go with --webui'
 
 
 def test_search_in_the_web_ui(tmp_path):
