@@ -70,7 +70,10 @@ def _darts_cell(kind: str, arch: Mapping[str, Any], probs: Any) -> CellGraph:
             op_label, input_label = f'{kind}/op_{node}_{k}', f'{kind}/input_{node}_{k}'
             op = str(arch[op_label])
             for source in _chosen(arch[input_label]):
-                graph.edges.append(Edge(names[source], str(node), op, _prob(probs, op_label, op)))
+                # NNI's differentiable DARTS cell keeps one distribution per edge, '<kind>/<node>_<source>'.
+                edge_label = f'{kind}/{node}_{source}'
+                prob = _prob(probs, edge_label if probs and edge_label in probs else op_label, op)
+                graph.edges.append(Edge(names[source], str(node), op, prob))
     graph.edges.extend(Edge(str(node), 'c_{k}') for node in nodes)  # the cell output concatenates its nodes
     return graph
 

@@ -81,6 +81,11 @@ def test_darts_cells_follow_the_chosen_inputs():
     assert skip.prob == pytest.approx(0.4 / 6)  # the probability of the op on that edge, not of the favourite
     assert len(reduce.edges) == 12
 
+    # NNI's one-shot DARTS cell exports one distribution per edge ('normal/<node>_<input>'), as a search writes it.
+    probs = {f'normal/{n}_{i}': {'skip_connect': 0.1 * i + 0.05, 'dil_conv_5x5': 0.5} for n in range(2, 6) for i in range(n)}
+    normal = cell_graphs(arch, probs, 'darts')[0]
+    assert {(e.source, e.target, e.prob) for e in normal.edges if e.op == 'skip_connect'} == {('c_{k-2}', '4', 0.05)}
+
 
 def test_nasbench1shot1_cell_has_implicit_and_chosen_parents():
     from search_spaces.nasbench1shot1 import NUM_PARENTS
