@@ -85,6 +85,8 @@ def test_darts_cells_follow_the_chosen_inputs():
     probs = {f'normal/{n}_{i}': {'skip_connect': 0.1 * i + 0.05, 'dil_conv_5x5': 0.5} for n in range(2, 6) for i in range(n)}
     normal = cell_graphs(arch, probs, 'darts')[0]
     assert {(e.source, e.target, e.prob) for e in normal.edges if e.op == 'skip_connect'} == {('c_{k-2}', '4', 0.05)}
+    from nni_idarts.arch import format_arch  # the printed cell (show, the search summary) reads them the same way
+    assert '  node 4: dil_conv_5x5(node 3, p=0.50) + skip_connect(node 0, p=0.05)' in format_arch(arch, probs)
 
 
 def test_nasbench1shot1_cell_has_implicit_and_chosen_parents():
