@@ -85,27 +85,44 @@ def test_default_search_console_is_quiet_and_ends_with_a_summary(tmp_path):
     assert hidden >= 10
     assert_picture(run / 'probs.png')
 
-    # --verbose shows them on the console too.
-    done = run_search(config, '--verbose')
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert '`training_service` will be ignored' in done.stdout
-    assert 'def training_step' in done.stderr
 
-
-def test_quiet_keeps_our_warnings_and_errors_and_restores_everything(tmp_path):
+def test_quiet_keeps_our_warnings_and_errors_and_restores_everything(tmp_path, capsys):
     nni_logger = logging.getLogger('nni')
     handlers, level = list(nni_logger.handlers), nni_logger.level
+    stdout = logging.StreamHandler(sys.stdout)  # a console handler like NNI's own (which holds the real stdout)
+    nni_logger.addHandler(stdout)
     show = warnings.showwarning
-    with pytest.warns(UserWarning, match='ours'):  # pytest's recorder sees what quiet lets through
-        with quiet(tmp_path / 'x.log') as log:
-            warnings.warn_explicit('theirs', UserWarning, '/site-packages/lib.py', 1)
-            warnings.warn_explicit('ours', UserWarning, str(ROOT / 'nni_idarts' / 'search.py'), 1)
-            logging.getLogger('nni.nas.experiment').warning('noise')
-            logging.getLogger('pytorch_lightning.trainer').info('GPU available: False')
+    try:
+        with pytest.warns(UserWarning, match='ours') as shown:  # pytest's recorder sees what quiet lets through
+            with quiet(tmp_path / 'x.log') as log:
+                warnings.warn_explicit('theirs', UserWarning, '/site-packages/lib.py', 1)
+                warnings.warn_explicit('ours', UserWarning, str(ROOT / 'nni_idarts' / 'search.py'), 1)
+                logging.getLogger('nni.nas.experiment').warning('noise')
+                logging.getLogger('nni.nas.experiment').error('boom')
+                logging.getLogger('pytorch_lightning.trainer').info('GPU available: False')
+    finally:
+        nni_logger.removeHandler(stdout)
+    assert [str(w.message) for w in shown] == ['ours']
+    assert capsys.readouterr().out == 'boom\n'  # errors still reach the console
     assert log.hidden == 3
     text = (tmp_path / 'x.log').read_text()
-    assert 'theirs' in text and 'ours' in text and 'noise' in text and 'GPU available' in text
+    assert all(word in text for word in ('theirs', 'ours', 'noise', 'boom', 'GPU available'))
     assert nni_logger.handlers == handlers and nni_logger.level == level and warnings.showwarning is show
+    assert not stdout.filters
+
+    # verbose (--verbose): everything reaches the console too, and the log file still gets it.
+    stdout = logging.StreamHandler(sys.stdout)
+    nni_logger.addHandler(stdout)
+    try:
+        with pytest.warns(UserWarning, match='theirs'):
+            with quiet(tmp_path / 'y.log', verbose=True) as log:
+                warnings.warn_explicit('theirs', UserWarning, '/site-packages/lib.py', 1)
+                logging.getLogger('nni.nas.experiment').warning('noise')
+    finally:
+        nni_logger.removeHandler(stdout)
+    assert log.hidden == 0
+    assert 'noise' in capsys.readouterr().out
+    assert 'theirs' in (tmp_path / 'y.log').read_text() and 'noise' in (tmp_path / 'y.log').read_text()
 
 
 def test_format_summary():
