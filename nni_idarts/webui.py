@@ -118,8 +118,13 @@ def search_in_webui(config_path: str, *, port: int = 8080, keep: bool = False, r
         try:
             trial, shown = _follow(port, poll_seconds)
             metrics = rest(port, 'metric-data')
+        except OSError as error:
+            _stop(experiment_id, port, log)
+            print(f'nni-idarts search: lost the NNI manager on port {port} ({error}); its log: '
+                  f'{out / "webui" / experiment_id / "log"}', file=sys.stderr)
+            return 1
         except BaseException:
-            _stop(experiment_id, port, log)  # Ctrl-C or a lost manager: do not leave it behind
+            _stop(experiment_id, port, log)  # Ctrl-C: do not leave the experiment behind
             raise
         if not keep:
             stopped = _stop(experiment_id, port, log)
