@@ -5,10 +5,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install search test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade 'pip>=23' 'setuptools<81'
-	$(VENV)/bin/pip install -e '.[test,bench]'
+	$(VENV)/bin/pip install --upgrade 'pip>=23' -c constraints.txt setuptools
+	$(VENV)/bin/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

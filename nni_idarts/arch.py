@@ -167,7 +167,11 @@ def format_arch(arch: dict[str, Any], probs: dict[str, dict[str, float]] | None 
                     op_label = f'{prefix}/op_{node}_{k}' if prefix else f'op_{node}_{k}'
                     input_label = op_label.replace(f'op_{node}_{k}', f'input_{node}_{k}')
                     inputs = arch.get(input_label, '?')
-                    parts.append(f'{arch[op_label]}(node {", ".join(map(str, inputs)) if isinstance(inputs, list) else inputs})')
+                    sources = ", ".join(map(str, inputs)) if isinstance(inputs, list) else inputs
+                    # NNI's differentiable DARTS cell keeps one distribution per edge, '<prefix>/<node>_<source>'.
+                    p = (probs or {}).get(f'{prefix}/{node}_{sources}' if prefix else f'{node}_{sources}', {}).get(
+                        str(arch[op_label]))
+                    parts.append(f'{arch[op_label]}(node {sources}{"" if p is None else f", p={p:.2f}"})')
                 lines.append(f'{indent}node {node}: {" + ".join(parts)}')
             elif node_op:
                 node = node_op[1]

@@ -25,9 +25,9 @@ from typing import Iterable, Iterator
 from .checkpoint import atomic_write_json, remove_stray_temporaries
 
 #: Everything a search writes into output_dir (folders with a trailing slash).
-SEARCH_OUTPUTS = ('config.yaml', 'arch.json', 'checkpoints/', 'tensorboard/', 'nni/')
+SEARCH_OUTPUTS = ('config.yaml', 'arch.json', 'probs.png', 'search.log', 'checkpoints/', 'tensorboard/', 'nni/')
 #: What a retraining writes.
-RETRAIN_OUTPUTS = ('retrain.json',)
+RETRAIN_OUTPUTS = ('retrain.json', 'retrain.log')
 MANIFEST = '.nni-idarts-outputs.json'
 LOCK = '.nni-idarts.lock'
 
