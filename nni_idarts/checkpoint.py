@@ -275,4 +275,5 @@ ResumableDataLoader = nni.trace(_ResumableDataLoader)
 
 def resumable_loader(dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
     sampler = SeededEpochSampler(len(dataset), seed) if shuffle else None  # type: ignore[arg-type]
-    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    # By keyword: NNI's tracing warns about positional arguments (it records them by name).
+    return ResumableDataLoader(dataset=dataset, batch_size=batch_size, sampler=sampler)

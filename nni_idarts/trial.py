@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from .checkpoint import Interrupted
+    from .console import quiet
     from .data import DataError
     from .module import NonFiniteStepError
 
@@ -111,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stop.installed():
             config = trial_config(nni.get_next_parameter())
-            run_trial(config, output_dir(args.output_dir), callbacks=[stop])
+            out = output_dir(args.output_dir)
+            # NNI and Lightning's chatter goes to the trial's log file; the trial's stderr keeps what matters.
+            with quiet(os.path.join(out, 'trial.log')):
+                run_trial(config, out, callbacks=[stop])
     except (ConfigError, InputError, DataError) as error:
         print(f'{prefix}: {error}', file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ def test_a_previous_search_survives_refused_commands_and_overwrite_removes_only_
         assert files(run) == before, 'a refused command changed the output folder'
         return err
 
-    assert 'holds a previous search (config.yaml, arch.json, checkpoints/, tensorboard/, nni/): continue it with ' \
+    assert 'holds a previous search (config.yaml, arch.json, probs.png, search.log, checkpoints/, tensorboard/, nni/): continue it with ' \
            '--resume, or pass --overwrite to replace it' in refused()
     assert "'strategy.gamma' must be > 0" in refused('--overwrite', strategy={'gamma': 0})
     assert 'give one of them' in refused('--overwrite', '--resume')

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             result['keep']['stopped'] = stop.returncode == 0 and not reachable(args.port)
         if not args.keep_only:
             port = args.port + 2
-            plain = subprocess.run([*command, '--port', str(port)], env=env, cwd=args.workdir,
+            # The same output_dir again: a second search there must say --overwrite (nothing is replaced silently).
+            plain = subprocess.run([*command, '--overwrite', '--port', str(port)], env=env, cwd=args.workdir,
                                    capture_output=True, text=True, timeout=240)
             result['plain'] = {'returncode': plain.returncode, 'stdout': plain.stdout,
                                'stderr': plain.stderr[-4000:], 'reachable_after': reachable(port)}
