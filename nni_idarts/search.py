@@ -59,16 +59,16 @@ class CosineAnnealedLR(pl.Callback):
     def rate(self, epoch: int) -> float:
         return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Set before every batch, not once per epoch: a resumed search restores the optimizer's saved rate after the
+        # epoch has started, and only this keeps the schedule a function of the epoch alone.
         rate = self.rate(trainer.current_epoch)
         for optimizer in trainer.optimizers:
             if not getattr(optimizer, 'is_arch_optimizer', False):
                 for group in optimizer.param_groups:
                     group['lr'] = rate
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        pl_module.log('lr', self.rate(trainer.current_epoch))
+        pl_module.log('lr', rate)
 
 
 class _ReportableAfterResume(pl.Callback):
