@@ -531,8 +531,8 @@ class IDartsLightningModule(DartsLightningModule):
         self._arch_steps = state['arch_steps']
         self._lambda_max = state['lambda_max']
         vectors = state['power_vector']
-        self._power_vector = (None if vectors is None else
-                              tuple(v.to(p.device) for v, p in zip(vectors, self.weight_parameters())))
+        # (the optimizers, and with them weight_parameters(), do not exist yet while a checkpoint is restored)
+        self._power_vector = None if vectors is None else tuple(v.to(self.device) for v in vectors)
         self._warned_series = state['warned_series']
 
     # ----- reporting to an NNI trial -----
