@@ -68,7 +68,7 @@ def load_setup(quick: bool) -> dict[str, Any]:
             setup['search'][key] = config['search'][key]
     if quick:
         setup['space'] = {'channels': 4, 'num_cells': 1}
-        setup['search']['epochs'] = 2
+        setup['search']['epochs'] = 1
     return setup
 
 
@@ -225,7 +225,7 @@ def measure_overhead(setup: dict[str, Any], rounds: int, quick: bool) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true', help='smoke run: a small supernet, 2 epochs, 1 timing round')
+    parser.add_argument('--quick', action='store_true', help='smoke run: a small supernet, 1 epoch, 1 timing round')
     parser.add_argument('--rounds', type=int, default=3, help='interleaved A/B timing rounds (default 3)')
     parser.add_argument('--damping', type=float, default=None,
                         help='damping of the third setting (default: |lambda_min| of the gamma=None run, rounded up)')
