@@ -14,6 +14,10 @@ Notation: ``g_a = grad_a L_val``, ``v = grad_w L_val``, ``H = d2_w L_train`` (th
                         damping = 0 in the paper)
 - :func:`exact`:        ``g_a - M . H^-1 . v``, by a dense solve            (implicit function theorem)
 
+and, to choose gamma and see whether the series converges: :func:`power_iteration` (warm-startable estimate of
+the eigenvalue of H of largest magnitude), :func:`largest_eigenvalue`, :func:`auto_gamma`
+(``min(lr, 1 / |lambda_max|)``), and the ``diagnostics`` that :func:`neumann` fills in.
+
 All second-order products are exact double-backprop products (no finite differences). No function leaves a
 trace on its inputs: weights are restored bit for bit, and no ``.grad`` field is written.
 

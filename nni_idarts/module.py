@@ -3,10 +3,12 @@
 It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLightningModule` already owns the
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
 this subclass replaces ``training_step`` (the search loop) and adds only the hooks that data parallelism
-(``setup``, ``on_fit_start``) and reporting to an NNI trial (``log`` and the epoch/fit-end hooks) need.
+(``setup``, ``on_fit_start``), exact resume (``on_save_checkpoint``, ``on_load_checkpoint``: the validation stream's
+position and gamma='auto''s estimate) and reporting to an NNI trial (``log`` and the epoch/fit-end hooks) need.
 
 Data parallelism (Lightning's DDP strategy, e.g. ``Trainer(strategy='ddp', devices=N)``): Lightning wraps this module
-in ``DistributedDataParallel`` and shards both parts of the DARTS combined loader with a ``DistributedSampler``, so
+in ``DistributedDataParallel`` and shards the training loader with a ``DistributedSampler``, and
+:meth:`ValidationStream.shard` gives the validation loader one the same way (Lightning's own preparation), so
 each of the R ranks sees its own b samples of a global batch of R*b. The search is the single-process search of that
 global batch, because every quantity that feeds an update is the mean over ranks of the per-rank quantity:
 

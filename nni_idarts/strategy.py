@@ -17,8 +17,10 @@ class IDartsStrategy(DARTS):
 
     It keeps everything of NNI's :class:`~nni.nas.strategy.DARTS`: the supernet built by NNI's mutation hooks
     (``LayerChoice``, ``InputChoice``, ``Repeat``, ``Cell`` and layers with ``nni.choice`` arguments), the softmax
-    relaxation, the train/val combined loader, export and the architecture optimizer (Adam with betas (0.5, 0.999)
-    and weight decay 1e-3). It replaces the architecture gradient with the implicit hypergradient
+    relaxation, the train/val split of the data, export and the architecture optimizer (Adam with betas (0.5, 0.999)
+    and weight decay 1e-3). It runs the paper's loop (T weight steps, then one architecture step on the next
+    validation batch; see :class:`~nni_idarts.module.IDartsLightningModule`) and replaces the architecture gradient
+    with the implicit hypergradient
 
         dL_val/da = grad_a L_val - d2_{a,w} L_train . [d2_w L_train]^-1 . grad_w L_val
 
