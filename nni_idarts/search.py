@@ -129,8 +129,9 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         kwargs['callbacks'] = [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
                                                every_n_train_steps=checkpoint_every_n_steps)]
         kwargs['plugins'] = [AtomicCheckpointIO()]
-    if learning_rate_min is not None and learning_rate_min != learning_rate:
-        kwargs['callbacks'] = kwargs.get('callbacks', []) + [CosineAnnealedLR(learning_rate, learning_rate_min, epochs)]
+    # Also for a constant rate (learning_rate_min=None), so that `lr` is always logged.
+    lr_min = learning_rate if learning_rate_min is None else learning_rate_min
+    kwargs['callbacks'] = kwargs.get('callbacks', []) + [CosineAnnealedLR(learning_rate, lr_min, epochs)]
     for key, value in (trainer_kwargs or {}).items():
         kwargs[key] = kwargs.get(key, []) + list(value) if key in ('callbacks', 'plugins') else value
     if resume_from is not None:

@@ -191,6 +191,15 @@ def test_second_order_modes_follow_the_annealed_weight_learning_rate_by_default(
     assert strategy.oneshot_module.trainer.callback_metrics['lr'] == pytest.approx(0.04)
 
 
+def test_constant_learning_rate_and_a_refused_minimum(splits, tmp_path):
+    strategy = IDartsStrategy(arc_learning_rate=0.03)
+    run(strategy, splits, tmp_path, epochs=2, learning_rate=0.07, learning_rate_min=None)
+    assert strategy.oneshot_module.current_weight_lr() == pytest.approx(0.07)
+    assert strategy.oneshot_module.trainer.callback_metrics['lr'] == pytest.approx(0.07)
+    with pytest.raises(ValueError, match=r'learning_rate_min must be between 0 and learning_rate \(0.01\)'):
+        run(IDartsStrategy(), splits, tmp_path, learning_rate=0.01, learning_rate_min=0.02)
+
+
 def test_gamma_auto_estimates_lambda_max_and_caps_gamma(splits, tmp_path):
     iters, estimates, gammas = [], [], []
     power, series = hypergradient.power_iteration, hypergradient.neumann
