@@ -34,6 +34,7 @@ has a global-batch loss that is exactly the mean of the rank losses.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -458,10 +459,9 @@ class IDartsLightningModule(DartsLightningModule):
             return hypergradient.auto_gamma(lr, self._lambda_max)
         estimate, vector = hypergradient.power_iteration(train_loss, weights, vector, iters=iters,
                                                          reduce=self._mean_over_ranks)
-        if torch.isfinite(torch.tensor(estimate)) and all(torch.isfinite(v).all() for v in vector):
+        # A non-finite batch keeps the last estimate and warm start (its step is skipped by the finiteness gate).
+        if math.isfinite(estimate) and all(bool(torch.isfinite(v).all()) for v in vector):
             self._lambda_max, self._power_vector = estimate, vector
-        else:  # a non-finite batch: keep the last estimate (the step itself is skipped by the finiteness gate)
-            self._power_vector = None if self._lambda_max is None else self._power_vector
         return hypergradient.auto_gamma(lr, self._lambda_max if self._lambda_max is not None else 0.0)
 
     def architecture_step(self, train_batch: Any, val_batch: Any, batch_idx: int) -> None:

@@ -48,7 +48,7 @@ class SearchResult:
 
 
 class CosineAnnealedLR(pl.Callback):
-    """Sets the weight optimizer's learning rate at the start of each epoch e of E to
+    """Sets the weight optimizer's learning rate during epoch e of E to
     ``lr_min + (lr - lr_min) * (1 + cos(pi * e / E)) / 2`` (DARTS' and iDARTS' CosineAnnealingLR(E, eta_min), stepped
     per epoch), and logs it as ``lr``. It depends only on the epoch, so a resumed search gets the same rates.
     The architecture optimizer (NNI marks it ``is_arch_optimizer``) keeps its own rate."""
@@ -92,10 +92,10 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     The weights are trained with SGD (momentum 0.9) at a learning rate annealed per epoch by a cosine from
     ``learning_rate`` to ``learning_rate_min`` (DARTS' and iDARTS' schedule, :class:`CosineAnnealedLR`; logged as
     ``lr``); ``learning_rate_min=None`` keeps ``learning_rate`` constant; ``nesterov=True`` uses Nesterov momentum.
-    ``trainer_kwargs`` go to NNI's Lightning
-    ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir`` holds NNI's experiment files (default: a
-    temporary folder, removed afterwards). ``strategy`` may also be one of NNI's own DARTS-family strategies
-    (``DARTS``, ``GumbelDARTS``), so that baselines run through exactly the same evaluator and experiment.
+    ``trainer_kwargs`` go to NNI's Lightning ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir``
+    holds NNI's experiment files (default: a temporary folder, removed afterwards). ``strategy`` may also be one of
+    NNI's own DARTS-family strategies (``DARTS``, ``GumbelDARTS``), so that baselines run through exactly the same
+    evaluator and experiment.
 
     ``tensorboard_dir``: write Lightning's TensorBoard logs there (the module's metrics, see
     :class:`~nni_idarts.IDartsLightningModule`). ``checkpoint_dir``: save the whole search state (weights, alphas,
@@ -138,8 +138,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         kwargs['callbacks'] = kwargs.get('callbacks', []) + [_ReportableAfterResume()]
     evaluator = Classification(
         train_dataloaders=train_loader, val_dataloaders=val_loader, num_classes=num_classes,
-        learning_rate=learning_rate, weight_decay=weight_decay, optimizer=NesterovSGD if nesterov else MomentumSGD, export_onnx=False,
-        max_epochs=epochs, **kwargs)
+        learning_rate=learning_rate, weight_decay=weight_decay, optimizer=NesterovSGD if nesterov else MomentumSGD,
+        export_onnx=False, max_epochs=epochs, **kwargs)
     if resume_from is not None:
         # NNI's evaluator calls trainer.fit() without ckpt_path; this is Lightning's way to hand it one anyway.
         evaluator.trainer.ckpt_path = resume_from

@@ -69,7 +69,8 @@ class IDartsStrategy(DARTS):
     """
 
     def __init__(self, *, hypergradient: str = 'implicit', K: int = 2, gamma: float | str | None = None,
-                 damping: float = 0.0, inner_steps: int | None = None, arc_learning_rate: float = 3.0e-4, gradient_clip_val: float | None = None,
+                 damping: float = 0.0, inner_steps: int | None = None, arc_learning_rate: float = 3.0e-4,
+                 gradient_clip_val: float | None = None,
                  log_prob_every_n_step: int = 10, warmup_epochs: int = 0, max_nonfinite_steps: int = 10,
                  report_final_result: bool = True, **kwargs: Any):
         if 'penalty' in kwargs:

@@ -47,7 +47,8 @@ def run_search(tmp_path, options=None, **kwargs) -> tuple[torch.Tensor, dict]:
            trainer_kwargs=trainer_kwargs, **kwargs)
     module = strategy.oneshot_module
     state = {'lambda_max': module._lambda_max, 'arch_steps': module._arch_steps,
-             'power_vector': None if module._power_vector is None else torch.cat([v.flatten() for v in module._power_vector]),
+             'power_vector': (None if module._power_vector is None
+                              else torch.cat([v.flatten() for v in module._power_vector])),
              'validation_stream': module.validation_stream.state_dict()}
     return torch.cat([a.detach().flatten() for a in module.arch_parameters()]), state
 
