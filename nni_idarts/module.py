@@ -109,6 +109,10 @@ class ValidationStream:
         self.position += 1
         return batch
 
+    def first_batch(self) -> Any:
+        """A batch of the loader from a separate iterator, which leaves the stream where it is (for checks)."""
+        return next(iter(self.loader))
+
     def state_dict(self) -> dict[str, int]:
         return {'epoch': self.epoch, 'position': self.position}
 
@@ -337,6 +341,11 @@ class IDartsLightningModule(DartsLightningModule):
         if not isinstance(batch, dict) or 'train' not in batch:
             raise TypeError('iDARTS expects batches of the form {"train": ...} from IDartsStrategy\'s loader; '
                             f'got {type(batch).__name__}.')
+        if not self._batches_checked and self.validation_stream is not None:
+            # L_val is the evaluator's training_step on a validation batch: refuse unlike batches before any step,
+            # not at the first architecture step after T weight steps (a separate iterator: the stream stays put).
+            _check_same_structure(batch['train'], self.validation_stream.first_batch())
+            self._batches_checked = True
         self.resample()
         buffers = self._snapshot_buffers()
         out = self.training_module.training_step(batch['train'], 2 * batch_idx + 1)
@@ -350,9 +359,6 @@ class IDartsLightningModule(DartsLightningModule):
         # within the epoch: so an architecture step follows every T-th weight step, across epoch ends too.
         if warmed_up and (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.inner_steps == 0:
             val_batch = self._next_val_batch()
-            if not self._batches_checked:
-                _check_same_structure(batch['train'], val_batch)
-                self._batches_checked = True
             self.last_val_batch = val_batch
             self.architecture_step(batch['train'], val_batch, batch_idx)
 
