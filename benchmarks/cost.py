@@ -6,9 +6,9 @@
 Cost. Every mode searches the digits cell space (``search_quality.SHARED``: 16 channels, 2 cells, batch 64) through
 :func:`nni_idarts.search.search`, each run in a fresh subprocess so its peak memory is its own; the modes are
 interleaved round by round (in a rotated order), so a change of the machine's load hits all of them alike.
-A Lightning callback measures, per batch, the architecture step (from the step's first ``resample()`` to the
-weight step's ``resample()``, which brackets the architecture step in NNI's DARTS and in IDartsStrategy alike)
-and the weight step, and the time per epoch (the first epoch, which includes warm-up allocations, is dropped).
+A Lightning callback measures, per batch, the architecture step and the weight step, bracketed by the module's
+``resample()`` calls (one before each step) and the batch end: NNI's DARTS takes the architecture step first,
+IDartsStrategy (the paper's loop) the weight step first, and the time per epoch (the first epoch, which includes warm-up allocations, is dropped).
 Times are CPU seconds of the (single-threaded) process, which the load of other processes does not inflate;
 wall-clock seconds are recorded too. Peak memory is the growth of the peak RSS (``ru_maxrss``) over the RSS just
 before the search starts. Ratios are to ``nni_darts``.
@@ -70,6 +70,8 @@ class _StepTimer:
 
         class Callback(pl.Callback):
             def on_train_start(self, trainer, pl_module):
+                from nni_idarts.module import IDartsLightningModule
+                timer.weight_step_first = isinstance(pl_module, IDartsLightningModule)
                 original = pl_module.resample
 
                 def resample(*args, **kwargs):
@@ -90,13 +92,21 @@ class _StepTimer:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 end = (time.process_time(), time.perf_counter())
-                if len(timer.marks) == 2:   # resample() before the architecture step, then before the weight step
-                    timer.arch_steps.append(tuple(b - a for a, b in zip(timer.marks[0], timer.marks[1])))
-                if timer.marks:
-                    timer.weight_steps.append(tuple(b - a for a, b in zip(timer.marks[-1], end)))
+
+                def span(start, stop):
+                    return tuple(b - a for a, b in zip(start, stop))
+
+                if len(timer.marks) == 2:   # resample() before each of the two steps
+                    first, second = span(timer.marks[0], timer.marks[1]), span(timer.marks[1], end)
+                    arch, weight = (second, first) if timer.weight_step_first else (first, second)
+                    timer.arch_steps.append(arch)
+                    timer.weight_steps.append(weight)
+                elif timer.marks:            # a batch with a weight step only
+                    timer.weight_steps.append(span(timer.marks[-1], end))
 
         self.callback = Callback()
         self.marks: list[tuple[float, float]] = []
+        self.weight_step_first = False
         self.epoch_start = (0.0, 0.0)
         self.epochs: list[tuple[float, float]] = []
         self.arch_steps: list[tuple[float, float]] = []

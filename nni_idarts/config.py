@@ -52,7 +52,8 @@ ACCELERATORS = ('auto', 'cpu', 'cuda', 'gpu', 'mps', 'tpu')
 #: How often Lightning writes the logged metrics to TensorBoard (its own default, 50, hides short runs).
 DEFAULT_LOG_EVERY_N_STEPS = 10
 
-SEARCH_KEYS = ('epochs', 'batch_size', 'learning_rate', 'weight_decay', 'seed', 'checkpoint_every_n_steps')
+SEARCH_KEYS = ('epochs', 'batch_size', 'learning_rate', 'learning_rate_min', 'nesterov', 'weight_decay', 'seed',
+               'checkpoint_every_n_steps')
 RETRAIN_KEYS = ('epochs', 'batch_size', 'learning_rate', 'weight_decay', 'seed')
 SECTIONS = ('space', 'data', 'strategy', 'search', 'retrain')
 
@@ -92,6 +93,7 @@ RANGES: dict[str, Range] = {
     'strategy.hypergradient': Range(choices=tuple(HYPERGRADIENTS)),
     'strategy.K': Range(min=0, max=10_000),
     'strategy.gamma': POSITIVE,
+    'strategy.damping': NON_NEGATIVE,
     'strategy.inner_steps': Range(min=1, max=1_000_000),
     'strategy.arc_learning_rate': POSITIVE,
     'strategy.gradient_clip_val': POSITIVE,
@@ -101,6 +103,7 @@ RANGES: dict[str, Range] = {
     'search.epochs': Range(min=1, max=100_000),
     'search.batch_size': Range(min=1, max=65_536),
     'search.learning_rate': POSITIVE,
+    'search.learning_rate_min': NON_NEGATIVE,
     'search.weight_decay': NON_NEGATIVE,
     'search.seed': SEED,
     'search.checkpoint_every_n_steps': Range(min=1),
@@ -294,6 +297,10 @@ def _check_together(config: Config) -> None:
     if warmup >= epochs:
         raise ConfigError(f"config error: 'strategy.warmup_epochs' ({warmup}) must be less than 'search.epochs' "
                           f'({epochs}): the warm-up trains only the weights, so no architecture step would run')
+    lr, lr_min = config.search['learning_rate'], config.search.get('learning_rate_min')
+    if lr_min is not None and lr_min > lr:
+        raise ConfigError(f"config error: 'search.learning_rate_min' ({lr_min}) must not exceed 'search.learning_rate' "
+                          f'({lr}): the cosine schedule anneals the weight learning rate down to it')
 
 
 def config_from_dict(raw: Any) -> Config:

@@ -28,7 +28,7 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
 
 
 def _run(space: ModelSpace, evaluator: Lightning, tmp_path, **options) -> IDartsStrategy:
-    strategy = IDartsStrategy(inner_steps=1, **options)
+    strategy = IDartsStrategy(**{'inner_steps': 1, **options})
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str(tmp_path)
     try:
@@ -102,9 +102,13 @@ def test_validation_batches_unlike_training_batches_are_refused_before_any_step(
     else:                      # images of another size
         val = TensorDataset(torch.zeros(32, 1, 4, 4), torch.zeros(32, dtype=torch.long))
     recorder = StepRecorder()
+    space = TinySpace()
+    before = [space.stem.weight.detach().clone(), space.head.weight.detach().clone()]
     with pytest.raises(ValueError, match='validation batches do not match the training batches'):
-        _run(TinySpace(), _classification(train, val, recorder), tmp_path)
+        _run(space, _classification(train, val, recorder), tmp_path, inner_steps=3)
     assert recorder.steps == []
+    # not even one of the 3 weight steps before the first architecture step was taken
+    assert torch.equal(space.stem.weight, before[0]) and torch.equal(space.head.weight, before[1])
 
 
 @nni.trace

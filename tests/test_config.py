@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -24,18 +26,18 @@ def test_defaults_come_from_the_signatures_and_ranges_from_one_table():
 
 def test_a_new_strategy_option_is_configurable_and_checked_without_touching_the_schema(monkeypatch):
     class Future(IDartsStrategy):
-        def __init__(self, *, damping: float = 0.0, gamma: float | str | None = None, **kwargs):
+        def __init__(self, *, shrinkage: float = 0.0, gamma: float | str | None = None, **kwargs):
             super().__init__(**kwargs)
 
     monkeypatch.setattr(config_module, 'IDartsStrategy', Future)
     keys = section_keys('strategy')
-    assert keys['damping'].default == 0.0 and keys['damping'].range == Range()
-    assert config_from_dict({'strategy': {'damping': 0.5, 'gamma': 'auto'}}).strategy['gamma'] == 'auto'
+    assert keys['shrinkage'].default == 0.0 and keys['shrinkage'].range == Range()
+    assert config_from_dict({'strategy': {'shrinkage': 0.5, 'gamma': 'auto'}}).strategy['gamma'] == 'auto'
     # An unlisted number must still be finite, in YAML and from a tuner alike.
-    with pytest.raises(ConfigError, match=r"'strategy.damping' must be a finite number, got nan"):
-        config_from_dict({'strategy': {'damping': float('nan')}})
-    with pytest.raises(ConfigError, match=r"'strategy.damping' must be a finite number, got inf"):
-        config_with_overrides({}, {'strategy.damping': float('inf')})
+    with pytest.raises(ConfigError, match=r"'strategy.shrinkage' must be a finite number, got nan"):
+        config_from_dict({'strategy': {'shrinkage': float('nan')}})
+    with pytest.raises(ConfigError, match=r"'strategy.shrinkage' must be a finite number, got inf"):
+        config_with_overrides({}, {'strategy.shrinkage': float('inf')})
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -54,6 +56,9 @@ def test_a_new_strategy_option_is_configurable_and_checked_without_touching_the_
     ('search.checkpoint_every_n_steps', 0, "'search.checkpoint_every_n_steps' must be >= 1, got 0"),
     ('strategy.gradient_clip_val', -1, "'strategy.gradient_clip_val' must be > 0, got -1.0"),
     ('strategy.gamma', 0, "'strategy.gamma' must be > 0, got 0.0"),
+    ('strategy.damping', -0.1, "'strategy.damping' must be >= 0, got -0.1"),
+    ('search.learning_rate_min', -1e-3, "'search.learning_rate_min' must be >= 0, got -0.001"),
+    ('search.nesterov', 1, "'search.nesterov' must be bool, got int 1"),
     ('strategy.warmup_epochs', 10, "'strategy.warmup_epochs' (10) must be less than 'search.epochs' (10)"),
     ('search.accelerator', 'tpu2', "'search.accelerator' must be one of auto, cpu, cuda, gpu, mps, tpu, got 'tpu2'"),
     ('retrain.weight_decay', -1e-4, "'retrain.weight_decay' must be >= 0, got -0.0001"),
@@ -74,6 +79,23 @@ def test_yaml_and_trial_refuse_the_same_values_with_the_same_line(key, value, me
     assert message in str(from_yaml.value)
     assert str(from_trial.value) == str(from_yaml.value)
     assert len(str(from_yaml.value)) < 300 and '\n' not in str(from_yaml.value)
+
+
+@pytest.mark.parametrize('path', sorted(config_module.Path(__file__).parent.parent.glob('examples/configs/*.yaml')),
+                         ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    config = load_config(path)
+    assert config.search['learning_rate_min'] is None or config.search['learning_rate_min'] <= config.search['learning_rate']
+    IDartsStrategy(**config.strategy)  # the strategy accepts what the schema let through
+
+
+def test_the_annealed_learning_rate_must_not_end_above_its_start():
+    message = re.escape("'search.learning_rate_min' (1.0) must not exceed 'search.learning_rate' (0.5)")
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({'search': {'learning_rate': 0.5, 'learning_rate_min': 1.0}})
+    with pytest.raises(TrialParameterError, match=message):
+        trial_config({'search.learning_rate': 0.5, 'search.learning_rate_min': 1.0})
+    assert config_from_dict({'search': {'learning_rate_min': None}}).search['learning_rate_min'] is None  # constant
 
 
 def test_values_both_accept():

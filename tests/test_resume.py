@@ -36,37 +36,54 @@ class KillAtBatch(pl.Callback):
             raise Killed(f'killed after batch {self.seen}')
 
 
-def run_search(tmp_path, **kwargs) -> torch.Tensor:
+def run_search(tmp_path, options=None, **kwargs) -> tuple[torch.Tensor, dict]:
     splits = digits_splits(0)
     train, val = Subset(splits.train, range(160)), Subset(splits.val, range(130))  # 5 batches/epoch; val cycles
     pl.seed_everything(0, verbose=False)  # the supernet's weights
     space = build_space('digits', in_channels=1, num_classes=10, channels=4, num_cells=1)
-    strategy = IDartsStrategy(inner_steps=2, K=1, arc_learning_rate=0.05)
+    strategy = IDartsStrategy(inner_steps=2, K=1, arc_learning_rate=0.05, **(options or {}))
     trainer_kwargs = {**TRAINER, 'callbacks': kwargs.pop('callbacks', [])}
     search(space, train, val, strategy, epochs=2, batch_size=32, workdir=str(tmp_path / 'nni'),
            trainer_kwargs=trainer_kwargs, **kwargs)
-    return torch.cat([a.detach().flatten() for a in strategy.oneshot_module.arch_parameters()])
+    module = strategy.oneshot_module
+    state = {'lambda_max': module._lambda_max, 'arch_steps': module._arch_steps,
+             'power_vector': (None if module._power_vector is None
+                              else torch.cat([v.flatten() for v in module._power_vector])),
+             'validation_stream': module.validation_stream.state_dict()}
+    return torch.cat([a.detach().flatten() for a in module.arch_parameters()]), state
 
 
-def test_resume_after_mid_epoch_kill_ends_with_the_same_alphas(tmp_path):
-    uninterrupted = run_search(tmp_path)
+@pytest.mark.parametrize('kill_at, options', [
+    (7, {}),                                # last checkpoint mid-epoch: epoch 2, batch 1
+    (6, {'gamma': 'auto', 'damping': 0.1}),  # after the last batch of epoch 1; with the power iteration's state
+])
+def test_resume_after_a_kill_ends_with_the_same_alphas(tmp_path, kill_at, options):
+    uninterrupted, final_state = run_search(tmp_path, options)
     assert uninterrupted.abs().max() > 0.02  # the alphas moved (NNI starts them at ~1e-3)
 
     checkpoints = tmp_path / 'ckpt'
-    # 10 batches in all; killed after batch 7 (epoch 2, batch 2), so the last checkpoint is mid-epoch.
+    # 10 batches in all (2 epochs of 5), killed after batch `kill_at`, before the checkpoint callback (which runs
+    # last) saved it: the last checkpoint is of batch kill_at - 1.
     with pytest.raises(Killed):
-        run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
-                   callbacks=[KillAtBatch(7)])
+        run_search(tmp_path, options, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
+                   callbacks=[KillAtBatch(kill_at)])
     saved = torch.load(checkpoints / 'last.ckpt', weights_only=False)
     batches_done = saved['loops']['fit_loop']['epoch_loop.batch_progress']['current']['processed']
-    assert saved['epoch'] == 1 and 0 < batches_done < 5, batches_done  # saved in the middle of the second epoch
+    assert 5 * saved['epoch'] + batches_done == kill_at - 1, (saved['epoch'], batches_done)
     assert len(saved['optimizer_states']) == 2  # weights (SGD) and alphas (Adam)
 
     counter = KillAtBatch(at=-1)  # never kills; counts the batches trained
-    resumed = run_search(tmp_path, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
-                         resume_from=str(checkpoints / 'last.ckpt'), callbacks=[counter])
-    assert counter.seen == 5 - batches_done  # only the rest of the second epoch: it did resume, not restart
+    resumed, resumed_state = run_search(tmp_path, options, checkpoint_dir=str(checkpoints), checkpoint_every_n_steps=1,
+                                        resume_from=str(checkpoints / 'last.ckpt'), callbacks=[counter])
+    assert counter.seen == 10 - (kill_at - 1)  # only the rest: it did resume, not restart (nor skip an epoch)
     assert torch.equal(resumed, uninterrupted)
+    # the validation stream's position and gamma='auto''s estimate and warm start continued exactly
+    assert resumed_state['validation_stream'] == final_state['validation_stream']
+    assert resumed_state['arch_steps'] == final_state['arch_steps'] == 5
+    assert resumed_state['lambda_max'] == final_state['lambda_max']
+    if options:
+        assert final_state['lambda_max'] is not None
+        assert torch.equal(resumed_state['power_vector'], final_state['power_vector'])
 
 
 def test_resumable_loader_continues_the_same_order():
