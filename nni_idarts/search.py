@@ -21,6 +21,7 @@ from nni.nas.strategy import DARTS
 from torch.utils.data import Dataset
 
 from .checkpoint import AtomicCheckpointIO, resumable_loader
+from .guards import AlphasMovedCheck, alphas_moved
 from .reporting import trial_parameters_preserved
 from .strategy import IDartsStrategy
 
@@ -36,6 +37,8 @@ class MomentumSGD(torch.optim.SGD):
 class SearchResult:
     arch: dict[str, Any]                     #: label -> chosen value, as NNI exports it
     probs: dict[str, dict[Any, float]]       #: label -> {value: probability} at the end of the search
+    #: whether any alpha moved from its initial value; False: ``arch`` is the random initial architecture, not a result
+    alphas_moved: bool
     strategy: DARTS = field(repr=False)      #: the strategy that ran (an IDartsStrategy or any NNI DARTS-family one)
 
 
@@ -94,6 +97,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         kwargs[key] = kwargs.get(key, []) + list(value) if key in ('callbacks', 'plugins') else value
     if resume_from is not None:
         kwargs['callbacks'] = kwargs.get('callbacks', []) + [_ReportableAfterResume()]
+    # Also for NNI's own DARTS strategies, whose module does not add it: every SearchResult says if the alphas moved.
+    kwargs['callbacks'] = kwargs.get('callbacks', []) + [AlphasMovedCheck()]
     evaluator = Classification(
         train_dataloaders=train_loader, val_dataloaders=val_loader, num_classes=num_classes,
         learning_rate=learning_rate, weight_decay=weight_decay, optimizer=MomentumSGD, export_onnx=False,
@@ -113,4 +118,4 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
             experiment.stop()
     probs = strategy.oneshot_module.export_probs()
     return SearchResult(arch=arch, probs={k: {c: float(p) for c, p in v.items()} for k, v in probs.items()},
-                        strategy=strategy)
+                        alphas_moved=bool(alphas_moved(strategy.oneshot_module.trainer)), strategy=strategy)
