@@ -3,7 +3,11 @@
 It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLightningModule` already owns the
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
 this subclass replaces ``training_step`` (the search loop) and adds only the hooks that data parallelism
-(``setup``, ``on_fit_start``) and reporting to an NNI trial (``log`` and the epoch/fit-end hooks) need.
+(``setup``, ``on_fit_start``), reporting to an NNI trial (``log`` and the epoch/fit-end hooks) and the guards of
+issue 9 need: trainer settings refused in ``on_fit_start`` and an ``alphas_moved`` check added by
+``configure_callbacks`` (:mod:`nni_idarts.guards`), a double-backward probe before the first step in
+``on_train_batch_start`` and the twice-differentiable formulations around the hypergradient
+(:mod:`nni_idarts.second_order`), and the Adam-overflow / optimizer-state checks around the architecture step.
 
 Data parallelism (Lightning's DDP strategy, e.g. ``Trainer(strategy='ddp', devices=N)``): Lightning wraps this module
 in ``DistributedDataParallel`` and shards both parts of the DARTS combined loader with a ``DistributedSampler``, so

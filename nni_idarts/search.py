@@ -71,6 +71,10 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     step counts two). ``resume_from``: a checkpoint to continue from; with the same arguments the resumed search
     ends where an uninterrupted one would. ``shuffle=False`` keeps the datasets' order (e.g. to replay a given order).
 
+    ``SearchResult.alphas_moved`` is False when no alpha ever moved from its initial value (every architecture step
+    skipped, or warm-up only): the export is then the random initial architecture, not a search result, and callers
+    must not report it as one (see :class:`~nni_idarts.guards.AlphasMovedCheck`).
+
     Data parallel: ``trainer_kwargs={'strategy': 'ddp', 'devices': N}`` (with ``accelerator`` as needed) runs the
     search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning shards
     the samplers across the ranks.
