@@ -7,8 +7,13 @@ search must finish, move the alphas (the logged ``alphas_moved`` verdict and a r
 an architecture that a freshly built space freezes into a model that runs a forward pass. (The searched instance has
 become the supernet, so the export is frozen in a new one, as a user retraining it would.)
 
-NasBench101 is left out: NNI's DARTS cannot search it (its InputChoice picks a variable number of inputs; NNI's own
-one-shot hub test skips it too).
+NasBench101 is left out, as in NNI's own one-shot hub test (test/algo/nas/oneshot/test_hub.py comments it out): its
+cell is a graph under an edge-count constraint, and NNI's DARTS refuses it ("Differentiable strategies only support
+categorical variables, but got ... NasBench101CellConstraint").
+
+Time (CPU seconds on one core, the whole matrix): see the report of the ``hub_timings`` fixture (``pytest -s``).
+The first_order and unrolled cases of the heaviest spaces are marked ``hub_full`` and deselected by default
+(pyproject.toml); the default run covers every space with 'implicit' and with NNI's DARTS.
 """
 
 from __future__ import annotations
@@ -37,29 +42,30 @@ N_SAMPLES, BATCH, NUM_CLASSES = 4, 2, 10
 class HubSpace:
     build: Callable[[], nn.Module]
     image_size: int
-    search_options: dict[str, Any] = field(default_factory=dict)  #: passed to search() (e.g. the weight learning rate)
-    heavy: bool = False  #: only 'implicit' in the default run; the other modes under ``-m hub_full``
+    strategy_options: dict[str, Any] = field(default_factory=dict)  #: passed to IDartsStrategy (e.g. gamma)
+    heavy: bool = False  #: only 'implicit' and NNI's DARTS in the default run; the other modes under ``-m hub_full``
 
 
 SPACES: dict[str, HubSpace] = {
     'NasBench201': HubSpace(lambda: NasBench201Space(channels=4, cells_per_stage=1), 8),
     # DARTS with width and depth choices: num_cells (3, 6) = 1 or 2 cells per stage ((3, 4) does not build in NNI 3.0).
-    'DARTS': HubSpace(lambda: hub.DARTS(width=(2, 4), num_cells=(3, 6), dataset='cifar'), 8),
+    'DARTS': HubSpace(lambda: hub.DARTS(width=(2, 4), num_cells=(3, 6), dataset='cifar'), 8, heavy=True),
     'ENAS': HubSpace(lambda: hub.ENAS(width=2, num_cells=3, dataset='cifar'), 8),
-    'AmoebaNet': HubSpace(lambda: hub.AmoebaNet(width=2, num_cells=3, dataset='cifar'), 8),
-    'PNAS': HubSpace(lambda: hub.PNAS(width=2, num_cells=3, dataset='cifar'), 8),
-    'NASNet': HubSpace(lambda: hub.NASNet(width=2, num_cells=3, dataset='cifar'), 8),
+    'AmoebaNet': HubSpace(lambda: hub.AmoebaNet(width=2, num_cells=3, dataset='cifar'), 8, heavy=True),
+    'PNAS': HubSpace(lambda: hub.PNAS(width=2, num_cells=3, dataset='cifar'), 8, heavy=True),
+    'NASNet': HubSpace(lambda: hub.NASNet(width=2, num_cells=3, dataset='cifar'), 8, heavy=True),
     'ProxylessNAS': HubSpace(lambda: hub.ProxylessNAS(num_labels=NUM_CLASSES, base_widths=(8,) * 8 + (16,)), 16),
     # hardswish and a hardsigmoid squeeze-excite gate (substituted in the architecture step).
     'MobileNetV3Space': HubSpace(lambda: hub.MobileNetV3Space(
         num_labels=NUM_CLASSES, base_widths=(8,) * 8 + (16,), width_multipliers=(0.5, 1.0), expand_ratios=(1.0, 2.0),
         depth_range=(1, 2)), 16),
-    # No size knobs; 32x32 is the smallest input its five stride-2 stages take. Its first convolution is initialised
-    # with std 0.01 before a BatchNorm, so its weight gradients (~1e5) and curvature are huge at this size: a weight
-    # learning rate of 1e-3 (and gamma = it) keeps the Neumann terms and the unrolled step bounded (see
-    # test_shufflenet_freeze_is_skipped_counted_and_reported for what the defaults do).
-    'ShuffleNetSpace': HubSpace(lambda: hub.ShuffleNetSpace(num_labels=NUM_CLASSES), 32,
-                                {'learning_rate': 1e-3}, heavy=True),
+    # No size knobs. Its first convolution is initialised with std 0.01 before a BatchNorm, so at 32x32 (the smallest
+    # input its five stride-2 stages take) its weight gradients are ~1e5 and its curvature so large that the
+    # second-order hypergradients overflow float32's square (1e21..1e35) at any learning rate we tried (see
+    # test_freeze_guard.py::test_shufflenet_freeze_is_skipped_counted_and_reported). At 64x64 they are bounded,
+    # with the Neumann step gamma = 1e-4 (the default, the weight learning rate 0.025, still gives 5e19).
+    'ShuffleNetSpace': HubSpace(lambda: hub.ShuffleNetSpace(num_labels=NUM_CLASSES), 64,
+                                strategy_options={'gamma': 1e-4}, heavy=True),
     'AutoFormer': HubSpace(lambda: hub.AutoFormer(
         search_embed_dim=(8, 16), search_mlp_ratio=(1.0, 2.0), search_num_heads=(1, 2), search_depth=(1, 2),
         img_size=16, patch_size=8, num_labels=NUM_CLASSES), 16),
@@ -70,7 +76,7 @@ MODES = ('nni_darts', 'first_order', 'implicit', 'unrolled')
 def _cases():
     for name, space in SPACES.items():
         for mode in MODES:
-            marks = [pytest.mark.hub_full] if space.heavy and mode != 'implicit' else []
+            marks = [pytest.mark.hub_full] if space.heavy and mode not in ('implicit', 'nni_darts') else []
             yield pytest.param(name, mode, marks=marks, id=f'{name}-{mode}')
 
 
@@ -80,10 +86,10 @@ def random_images(image_size: int, seed: int) -> TensorDataset:
                          torch.randint(0, NUM_CLASSES, (N_SAMPLES,), generator=generator))
 
 
-def strategy_for(mode: str):
+def strategy_for(mode: str, options: dict[str, Any]):
     if mode == 'nni_darts':
         return DARTS(arc_learning_rate=0.01)
-    return IDartsStrategy(hypergradient=mode, inner_steps=1, arc_learning_rate=0.01)
+    return IDartsStrategy(hypergradient=mode, inner_steps=1, arc_learning_rate=0.01, **options)
 
 
 @pytest.mark.parametrize('name, mode', list(_cases()))
@@ -91,11 +97,10 @@ def test_hub_space_searches_moves_alphas_and_exports_a_runnable_architecture(nam
     space = SPACES[name]
     torch.manual_seed(0)
     model_space = space.build()
-    strategy = strategy_for(mode)
+    strategy = strategy_for(mode, space.strategy_options if mode == 'implicit' else {})
     start, cpu_start = time.perf_counter(), time.process_time()
     result = search(model_space, random_images(space.image_size, 0), random_images(space.image_size, 1), strategy,
-                    epochs=1, batch_size=BATCH, workdir=str(tmp_path), trainer_kwargs=dict(QUIET),
-                    **space.search_options)
+                    epochs=1, batch_size=BATCH, workdir=str(tmp_path), trainer_kwargs=dict(QUIET))
     hub_timings[(name, mode)] = (time.perf_counter() - start, time.process_time() - cpu_start)
 
     module = strategy.oneshot_module
@@ -108,7 +113,7 @@ def test_hub_space_searches_moves_alphas_and_exports_a_runnable_architecture(nam
         assert module._nonfinite_total == 0 and module._nonfinite_weight_total == 0, 'a step was skipped'
         assert torch.isfinite(module.trainer.callback_metrics['hypergradient_norm'])
 
-    assert set(result.arch) == set(result.probs) and result.arch
+    assert result.arch and result.probs
     torch.manual_seed(1)
     model = space.build().freeze(result.arch).eval()
     with torch.no_grad():
