@@ -120,7 +120,8 @@ def no_formulations(enabled: bool = True):
 def test_formulations_give_the_original_values_and_first_derivatives():
     torch.manual_seed(0)
     x = (torch.randn(4000) * 4).requires_grad_()  # float32, the dtype of the searches
-    for function in (F.hardsigmoid, nn.Hardsigmoid(), lambda t: F.hardsigmoid(t.clone(), inplace=True)):
+    # (F.hardsigmoid is looked up at call time, as nn.Hardsigmoid does: the context rebinds that name.)
+    for function in (lambda t: F.hardsigmoid(t), nn.Hardsigmoid(), lambda t: F.hardsigmoid(t.clone(), inplace=True)):
         original = function(x)
         (grad_original,) = torch.autograd.grad(original.sum(), x)
         with double_backward_formulations():
@@ -147,8 +148,10 @@ def test_formulations_give_the_original_values_and_first_derivatives():
 
 def test_outside_the_context_the_original_kernels_run():
     x = torch.randn(5, requires_grad=True)
+    original = F.hardsigmoid
     with double_backward_formulations():
-        pass
+        assert F.hardsigmoid is not original
+    assert F.hardsigmoid is original
     (grad,) = torch.autograd.grad(F.hardsigmoid(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match='derivative for aten::hardsigmoid_backward is not implemented'):
         torch.autograd.grad(grad.sum(), x)
