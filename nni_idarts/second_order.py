@@ -125,7 +125,8 @@ def check_double_backward(train_loss: Callable[[], torch.Tensor], weights: Seque
     if any(node.name() == 'torch::autograd::Error' for node in _graph_nodes(grads)):
         raise _refusal(hypergradient, _once_differentiable_functions(loss))
     try:
-        _vjp(grads, [*weights, *alphas], [torch.ones_like(g) for g in grads])
+        # Alphas frozen for warm-up (requires_grad=False) are left out; the weights' products take the same ops.
+        _vjp(grads, [*weights, *(a for a in alphas if a.requires_grad)], [torch.ones_like(g) for g in grads])
     except RuntimeError as error:
         match = _NOT_IMPLEMENTED.search(str(error))
         if 'once_differentiable' in str(error):  # older PyTorch raises instead
