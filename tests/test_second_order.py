@@ -317,6 +317,8 @@ def test_sync_batchnorm_is_refused_at_fit_start():
     recorder = StepRecorder()
     torch.manual_seed(0)
     # What Trainer(sync_batchnorm=True) makes of a BatchNorm under DDP (the conversion runs before on_fit_start).
+    # Under real DDP on CPU, PyTorch's DistributedDataParallel itself refuses SyncBatchNorm ("SyncBatchNorm layers only
+    # work with GPU modules") before on_fit_start, so this check matters on GPUs; here the module is put in directly.
     space = SequenceSpace({'bn': nn.Sequential(nn.Linear(DIM, DIM), nn.Flatten(0, 1), nn.SyncBatchNorm(DIM),
                                                nn.Unflatten(0, (-1, SEQ))), 'linear': nn.Linear(DIM, DIM)})
     with pytest.raises(ValueError, match='does not support SyncBatchNorm .*sync_batchnorm=False'):
