@@ -116,7 +116,8 @@ def check_double_backward(train_loss: Callable[[], torch.Tensor], weights: Seque
     Two kinds are caught: aten ops whose backward has no derivative (autograd raises "derivative for aten::X is not
     implemented"), and custom autograd Functions with a ``@once_differentiable`` backward. PyTorch 2.14 does not raise
     for the latter: their backward's outputs carry no graph, so the second derivative silently leaves out every
-    path through them. They are found by the error node (``DelayedError``, ``torch::autograd::Error``) that marks them in the gradient's graph.
+    path through them. They are found by the error node (``DelayedError``, ``torch::autograd::Error``) that marks
+    them in the gradient's graph.
     (A custom backward that is not differentiable in another way, e.g. through ``.detach()``, cannot be detected.)
     """
     loss = train_loss()
