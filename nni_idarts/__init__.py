@@ -7,7 +7,9 @@ import warnings
 warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module', category=RuntimeWarning)
 
 from .module import IDartsLightningModule, NonFiniteHypergradientError, NonFiniteStepError  # noqa: E402
+from .second_order import SecondOrderUnsupportedError  # noqa: E402
 from .strategy import IDartsStrategy  # noqa: E402
 
-__all__ = ['IDartsStrategy', 'IDartsLightningModule', 'NonFiniteHypergradientError', 'NonFiniteStepError']
+__all__ = ['IDartsStrategy', 'IDartsLightningModule', 'NonFiniteHypergradientError', 'NonFiniteStepError',
+           'SecondOrderUnsupportedError']
 __version__ = '0.1.0'

@@ -4,7 +4,11 @@ It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLig
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
 this subclass replaces ``training_step`` (the search loop) and adds only the hooks that data parallelism
 (``setup``, ``on_fit_start``), exact resume (``on_save_checkpoint``, ``on_load_checkpoint``: the validation stream's
-position and gamma='auto''s estimate) and reporting to an NNI trial (``log`` and the epoch/fit-end hooks) need.
+position and gamma='auto''s estimate), reporting to an NNI trial (``log`` and the epoch/fit-end hooks) and the
+guards against silent failure need: trainer settings refused in ``on_fit_start`` and an ``alphas_moved`` check
+added by ``configure_callbacks`` (:mod:`nni_idarts.guards`), a double-backward probe before the first step in
+``on_train_batch_start`` and the twice-differentiable formulations around the hypergradient
+(:mod:`nni_idarts.second_order`), and the Adam-overflow / optimizer-state checks around the architecture step.
 
 Data parallelism (Lightning's DDP strategy, e.g. ``Trainer(strategy='ddp', devices=N)``): Lightning wraps this module
 in ``DistributedDataParallel`` and shards the training loader with a ``DistributedSampler``, and
@@ -45,7 +49,7 @@ from lightning_fabric.utilities.data import _set_sampler_epoch
 from pytorch_lightning.trainer.states import RunningStage
 from torch.nn.parallel import DistributedDataParallel
 
-from . import hypergradient
+from . import guards, hypergradient, second_order
 from .reporting import TrialReporter, nni_metric
 
 #: The values of the ``hypergradient`` option and what each computes.
@@ -179,6 +183,7 @@ class IDartsLightningModule(DartsLightningModule):
         self._nonfinite_weight_in_a_row = 0   # weight steps
         self._nonfinite_weight_total = 0
         self._batches_checked = False
+        self._double_backward_checked = False
         self.report_final_result = report_final_result
         # Captured now, while NasExperiment's engine has not yet replaced the trial's channel with its own.
         self.nni_trial = TrialReporter.capture()
@@ -294,13 +299,24 @@ class IDartsLightningModule(DartsLightningModule):
             for buffer, saved in snapshot:
                 buffer.copy_(saved)
 
-    def _count_nonfinite(self, kind: str, batch_idx: int) -> None:
-        """Count a skipped step of ``kind`` ('architecture' or 'weight'), log the total, raise after too many in a row."""
+    def _count_nonfinite(self, kind: str, batch_idx: int, overflow: float | None = None) -> None:
+        """Count a skipped step of ``kind`` ('architecture' or 'weight'), log the total, raise after too many in a row.
+
+        ``overflow``: the largest entry of a finite hypergradient that was skipped because Adam could not square it
+        (:func:`~nni_idarts.guards.overflow_magnitude`), for the warning that says so.
+        """
         if kind == 'architecture':
             self._nonfinite_in_a_row += 1
             self._nonfinite_total += 1
             in_a_row, total, error = self._nonfinite_in_a_row, self._nonfinite_total, NonFiniteHypergradientError
-            what, key = 'architecture steps in a row had a non-finite loss or hypergradient', 'nonfinite_arch_steps'
+            what, key = ('architecture steps in a row had a non-finite loss or hypergradient (or one too large for '
+                         'Adam to square)'), 'nonfinite_arch_steps'
+            if overflow is not None and self.trainer.is_global_zero:
+                warnings.warn(f'Architecture step skipped (epoch {self.trainer.current_epoch}, batch {batch_idx}): '
+                              f'a hypergradient entry of {overflow:.3g} would overflow when Adam squares it. A '
+                              'hypergradient this large usually means the Neumann series diverges: lower gamma (see '
+                              'hypergradient.largest_eigenvalue) or K, or use hypergradient=\'first_order\'.',
+                              RuntimeWarning, stacklevel=2)
         else:
             self._nonfinite_weight_in_a_row += 1
             self._nonfinite_weight_total += 1
@@ -322,6 +338,7 @@ class IDartsLightningModule(DartsLightningModule):
 
     def on_fit_start(self) -> None:
         # Fail before the first step, not at it: the optimizers exist from here on.
+        guards.check_trainer(self.trainer, self)  # mixed precision, SyncBatchNorm (issue 9)
         if not self.training_module.automatic_optimization:
             raise ValueError('The evaluator\'s module uses manual optimization; iDARTS drives the weight optimizer '
                              'itself and needs an evaluator with automatic optimization.')
@@ -334,6 +351,33 @@ class IDartsLightningModule(DartsLightningModule):
                 for alpha in self.arch_parameters():
                     alpha.copy_(self.trainer.strategy.broadcast(alpha.detach().clone(), src=0))
         return super().on_fit_start()
+
+    def configure_callbacks(self) -> list[Any]:
+        # Any search, also one run through NasExperiment directly, says whether its alphas moved (issue 9).
+        if any(isinstance(cb, guards.AlphasMovedCheck) for cb in self.trainer.callbacks):  # e.g. search() added one
+            return []
+        return [guards.AlphasMovedCheck()]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        # Before the first step of a second-order search: one probe double backward, so that an op without one fails
+        # here with a message naming it instead of inside the first architecture step (issue 9).
+        if not self._double_backward_checked and self.hypergradient != 'first_order' and isinstance(batch, dict):
+            self._check_double_backward(batch['train'])
+        self._double_backward_checked = True
+        return super().on_train_batch_start(batch, batch_idx, *args, **kwargs)
+
+    def _check_double_backward(self, train_batch: Any) -> None:
+        buffers = self._snapshot_buffers()
+        devices = [p.device for p in self.weight_parameters()[:1] if p.device.type == 'cuda']
+        # The probe must leave no trace: buffers restored, and the RNG too (dropout), so that a search with the
+        # probe draws the same random numbers as one without (determinism, resume).
+        with torch.random.fork_rng(devices=devices), self._redirect_logging(None), \
+                second_order.double_backward_formulations():
+            self.resample()
+            second_order.check_double_backward(lambda: self._loss(train_batch, 0) + self._l2_penalty(),
+                                               self.weight_parameters(), self.arch_parameters(),
+                                               hypergradient=self.hypergradient)
+        self._restore_buffers(buffers)
 
     # ----- the search loop -----
 
@@ -479,21 +523,31 @@ class IDartsLightningModule(DartsLightningModule):
         buffers = self._snapshot_buffers()
         losses: list[torch.Tensor] = []
         diagnostics: dict[str, float] = {}
-        grads = self.compute_hypergradient(train_batch, val_batch, batch_idx, losses, diagnostics)
+        # Second order: ops without a double backward run as an equivalent formulation, in this call only.
+        with second_order.double_backward_formulations(self.hypergradient != 'first_order'):
+            grads = self.compute_hypergradient(train_batch, val_batch, batch_idx, losses, diagnostics)
         self._arch_steps += 1
         norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
 
-        if not self._all_ranks_finite([*losses, norm]):
-            # A non-finite step would write NaN into alphas (Adam state too); skip it and count it instead.
+        # A non-finite step would write NaN into alphas (Adam state too); skip it and count it instead. So would a
+        # finite hypergradient whose square overflows the alphas' dtype: Adam's second moment would become inf and
+        # every later step 0, a silent freeze (issue 9; see guards.py).
+        if not self._all_ranks_finite([*losses, norm, *guards.adam_squares(grads, alphas)]):
             self._restore_buffers(buffers)
-            self._count_nonfinite('architecture', batch_idx)
+            self._count_nonfinite('architecture', batch_idx, overflow=guards.overflow_magnitude(grads, alphas))
             return
         self._nonfinite_in_a_row = 0
 
         arc_optim.zero_grad()
         for alpha, grad in zip(alphas, grads):
             alpha.grad = grad.detach().to(alpha.dtype)
+        saved = guards.snapshot_optimizer(arc_optim.optimizer)
         arc_optim.step()
+        if not self._all_ranks_finite(guards.optimizer_tensors(arc_optim.optimizer)):
+            # Second line of the freeze guard (issue 9): undo a step that left the optimizer's state non-finite.
+            guards.restore_optimizer(arc_optim.optimizer, saved)
+            self._count_nonfinite('architecture', batch_idx)
+            return
         self.log('hypergradient_norm', norm.float())
         self.last_diagnostics = diagnostics
         for key, value in diagnostics.items():

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import AtomicCheckpointIO, resumable_loader
 from .errors import require_int, require_number
+from .guards import AlphasMovedCheck, alphas_moved
 from .reporting import trial_parameters_preserved
 from .strategy import IDartsStrategy
 
@@ -45,6 +46,8 @@ class NesterovSGD(torch.optim.SGD):
 class SearchResult:
     arch: dict[str, Any]                     #: label -> chosen value, as NNI exports it
     probs: dict[str, dict[Any, float]]       #: label -> {value: probability} at the end of the search
+    #: whether any alpha moved from its initial value; False: ``arch`` is the random initial architecture, not a result
+    alphas_moved: bool
     strategy: DARTS = field(repr=False)      #: the strategy that ran (an IDartsStrategy or any NNI DARTS-family one)
 
 
@@ -121,6 +124,10 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
     step counts two). ``resume_from``: a checkpoint to continue from; with the same arguments the resumed search
     ends where an uninterrupted one would. ``shuffle=False`` keeps the datasets' order (e.g. to replay a given order).
 
+    ``SearchResult.alphas_moved`` is False when no alpha ever moved from its initial value (every architecture step
+    skipped, or warm-up only): the export is then the random initial architecture, not a search result, and callers
+    must not report it as one (see :class:`~nni_idarts.guards.AlphasMovedCheck`).
+
     Data parallel: ``trainer_kwargs={'strategy': 'ddp', 'devices': N}`` (with ``accelerator`` as needed) runs the
     search on N processes; ``batch_size`` is then per process (global batch N * batch_size), and Lightning shards
     the samplers across the ranks.
@@ -160,6 +167,8 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         kwargs[key] = kwargs.get(key, []) + list(value) if key in ('callbacks', 'plugins') else value
     if resume_from is not None:
         kwargs['callbacks'] = kwargs.get('callbacks', []) + [_ReportableAfterResume()]
+    # Also for NNI's own DARTS strategies, whose module does not add it: every SearchResult says if the alphas moved.
+    kwargs['callbacks'] = kwargs.get('callbacks', []) + [AlphasMovedCheck()]
     evaluator = Classification(
         train_dataloaders=train_loader, val_dataloaders=val_loader, num_classes=num_classes,
         learning_rate=learning_rate, weight_decay=weight_decay, optimizer=NesterovSGD if nesterov else MomentumSGD,
@@ -179,4 +188,4 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
             experiment.stop()
     probs = strategy.oneshot_module.export_probs()
     return SearchResult(arch=arch, probs={k: {c: float(p) for c, p in v.items()} for k, v in probs.items()},
-                        strategy=strategy)
+                        alphas_moved=bool(alphas_moved(strategy.oneshot_module.trainer)), strategy=strategy)

@@ -57,9 +57,10 @@ class IDartsStrategy(DARTS):
     warmup_epochs
         The first ``warmup_epochs`` epochs train the weights only.
     max_nonfinite_steps
-        A non-finite loss or hypergradient skips its architecture step, a non-finite training loss or weight gradient
-        its weight step (counted in the logged ``nonfinite_arch_steps`` / ``nonfinite_weight_steps``); this many
-        skips of one kind in a row stop the search with :class:`~nni_idarts.NonFiniteStepError`.
+        A non-finite loss or hypergradient, or one too large for Adam to square (see :mod:`nni_idarts.guards`), skips
+        its architecture step, a non-finite training loss or weight gradient its weight step (counted in the logged
+        ``nonfinite_arch_steps`` / ``nonfinite_weight_steps``); this many skips of one kind in a row stop the search
+        with :class:`~nni_idarts.NonFiniteStepError`.
     report_final_result
         Inside an NNI trial, the search reports its per-epoch metrics as intermediate results and, if this is true,
         the last epoch's as the trial's final result. Set it to False when the trial reports its own final result
