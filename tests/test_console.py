@@ -80,7 +80,9 @@ def test_default_search_console_is_quiet_and_ends_with_a_summary(tmp_path):
     # The noise is in the log file: NNI's repeated warning and Lightning's ModelCheckpoint warning with its code.
     log = (run / 'search.log').read_text()
     assert log.count('`training_service` will be ignored') >= 5
-    assert 'def training_step' in log and 'Found positional arguments' in log
+    assert 'def training_step' in log
+    # NNI's serializer warned about positional arguments until the loaders were built by keyword: fixed at the source.
+    assert 'Found positional arguments' not in log
     hidden = int(re.search(r'(\d+) messages from NNI and Lightning are in', text)[1])
     assert hidden >= 10
     assert_picture(run / 'probs.png')
