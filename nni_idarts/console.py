@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, TextIO
 
-import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 #: Loggers of the libraries a search runs through (top-level names only, so that no record is written twice); their
@@ -115,45 +113,29 @@ class EpochProgressBar(TQDMProgressBar):
     """Lightning's progress bar, one line left per epoch, showing the epoch's running means of ``METRICS``.
 
     (Lightning's bar shows the last batch's values, which jump from batch to batch; the architecture steps'
-    validation metrics, in particular, come from one batch each.) :attr:`epoch_means` keeps every finished epoch.
+    validation metrics, in particular, come from one batch each.) The means are the search module's
+    (:meth:`~nni_idarts.IDartsLightningModule.epoch_means`); :attr:`epoch_means` keeps every finished epoch's.
     """
 
     METRICS = ('train_loss', 'train_acc', 'val_loss', 'val_acc')
 
     def __init__(self) -> None:
         super().__init__(leave=True)
-        self._sums: dict[str, list[float]] = {}
+        self._module: Any = None
         self.epoch_means: list[dict[str, float]] = []
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        # Runs before the module's own setup, where NNI's one-shot module points the evaluator's `log` at its own:
-        # so this also sees what the evaluator logs.
-        original = pl_module.log
-
-        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            original(name, value, *args, **kwargs)
-            if name in self.METRICS:
-                number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-                if math.isfinite(number):
-                    total = self._sums.setdefault(name, [0.0, 0])
-                    total[0] += number
-                    total[1] += 1
-
-        pl_module.log = log
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        pl_module.__dict__.pop('log', None)
-        super().teardown(trainer, pl_module, stage)
+        self._module = pl_module
 
     def running_means(self) -> dict[str, float]:
-        return {name: self._sums[name][0] / self._sums[name][1] for name in self.METRICS if name in self._sums}
+        means = self._module.epoch_means() if hasattr(self._module, 'epoch_means') else {}
+        return {name: means[name] for name in self.METRICS if name in means}
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         return {name: f'{value:.3f}' for name, value in self.running_means().items()}
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
-        self._sums = {}
         bar = self._train_progress_bar
         if bar is not None and bar.n == 0:
             # The bar Lightning opened in on_train_start; with leave=True each epoch opens its own, so this one

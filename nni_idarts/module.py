@@ -4,7 +4,8 @@ It follows NNI's split: :class:`~nni.nas.oneshot.pytorch.differentiable.DartsLig
 supernet, the architecture optimizer (Adam, betas (0.5, 0.999), weight decay 1e-3), warm-up and probability logging;
 this subclass replaces ``training_step`` (the search loop) and adds only the hooks that data parallelism
 (``setup``, ``on_fit_start``), exact resume (``on_save_checkpoint``, ``on_load_checkpoint``: the validation stream's
-position and gamma='auto''s estimate), reporting to an NNI trial (``log`` and the epoch/fit-end hooks) and the
+position and gamma='auto''s estimate), epoch means of what it logs (``log``, ``epoch_means``; an NNI trial's
+reporting is a callback, :class:`~nni_idarts.reporting.NniTrialCallback`) and the
 guards against silent failure need: trainer settings refused in ``on_fit_start`` and an ``alphas_moved`` check
 added by ``configure_callbacks`` (:mod:`nni_idarts.guards`), a double-backward probe before the first step in
 ``on_train_batch_start`` and the twice-differentiable formulations around the hypergradient
@@ -50,7 +51,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from torch.nn.parallel import DistributedDataParallel
 
 from . import guards, hypergradient, second_order
-from .reporting import TrialReporter, nni_metric
+from .reporting import NniTrialCallback, TrialReporter
 
 #: The values of the ``hypergradient`` option and what each computes.
 HYPERGRADIENTS = ('implicit', 'unrolled', 'first_order')
@@ -142,10 +143,12 @@ class IDartsLightningModule(DartsLightningModule):
     (:class:`ValidationStream`, set by the strategy), with L_val on that batch and L_train on the training batch of
     the last weight step, at the weights after it, plus the weight optimizer's L2 weight decay.
 
-    Inside an NNI trial (``nnictl create``) the module reports to the trial by itself: after every epoch the epoch
-    means of its logged metrics as an intermediate result (``'default'``: the validation accuracy of the
-    architecture steps, or the evaluator's single metric), and, if ``report_final_result``, the last of them as the
-    final result. Outside a trial it reports nothing. See :mod:`nni_idarts.reporting`.
+    Every scalar it logs (the evaluator's metrics are redirected here too) is also averaged over the epoch
+    (:meth:`epoch_means`), which the console's progress bar and, inside an NNI trial (``nnictl create``), the
+    :class:`~nni_idarts.reporting.NniTrialCallback` that :meth:`configure_callbacks` adds report: after every epoch an
+    intermediate result (``'default'``: the validation accuracy of the architecture steps, or the evaluator's single
+    metric), and, if ``report_final_result``, the last of them as the final result. Outside a trial nothing is
+    reported. See :mod:`nni_idarts.reporting`.
     """
 
     def __init__(self, training_module: nn.Module, *,
@@ -186,9 +189,9 @@ class IDartsLightningModule(DartsLightningModule):
         self._double_backward_checked = False
         self.report_final_result = report_final_result
         # Captured now, while NasExperiment's engine has not yet replaced the trial's channel with its own.
-        self.nni_trial = TrialReporter.capture()
+        reporter = TrialReporter.capture()
+        self.nni_trial = None if reporter is None else NniTrialCallback(reporter, report_final=report_final_result)
         self._epoch_sums: dict[str, list[float]] = {}   # metric name -> [sum, count] over this epoch
-        self._last_nni_metric: dict[str, float] | None = None
 
     # ----- the parameters of the two levels -----
 
@@ -353,10 +356,11 @@ class IDartsLightningModule(DartsLightningModule):
         return super().on_fit_start()
 
     def configure_callbacks(self) -> list[Any]:
-        # Any search, also one run through NasExperiment directly, says whether its alphas moved (issue 9).
-        if any(isinstance(cb, guards.AlphasMovedCheck) for cb in self.trainer.callbacks):  # e.g. search() added one
-            return []
-        return [guards.AlphasMovedCheck()]
+        callbacks: list[Any] = [] if self.nni_trial is None else [self.nni_trial]
+        # Any search, also one run through NasExperiment directly, says whether its alphas moved.
+        if not any(isinstance(cb, guards.AlphasMovedCheck) for cb in self.trainer.callbacks):  # search() adds one
+            callbacks.append(guards.AlphasMovedCheck())
+        return callbacks
 
     def on_train_batch_start(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
         # Before the first step of a second-order search: one probe double backward, so that an op without one fails
@@ -597,45 +601,26 @@ class IDartsLightningModule(DartsLightningModule):
         self._power_vector = None if vectors is None else tuple(v.to(self.device) for v in vectors)
         self._warned_series = state['warned_series']
 
-    # ----- reporting to an NNI trial -----
+    # ----- epoch means of what is logged (read by the progress bar and the NNI trial callback) -----
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         # The evaluator's own logging is redirected here too (NNI's one-shot setup), so this sees every metric.
         super().log(name, value, *args, **kwargs)
-        if self.nni_trial is not None and '/' not in name:  # skip the per-choice 'prob/...' entries
-            scalar = float(value.detach()) if isinstance(value, torch.Tensor) else value
-            if isinstance(scalar, (int, float)):
-                total = self._epoch_sums.setdefault(name, [0.0, 0])
-                total[0] += float(scalar)
-                total[1] += 1
+        if '/' in name:  # the per-choice 'prob/...' entries are no metrics
+            return
+        scalar = float(value.detach()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(scalar, (int, float)) and not isinstance(scalar, bool) and math.isfinite(scalar):
+            total = self._epoch_sums.setdefault(name, [0.0, 0])
+            total[0] += float(scalar)
+            total[1] += 1
 
-    def nni_default_metric(self) -> str:
-        """The key of NNI's ``'default'`` metric: like NNI's SupervisedLearningModule, the single metric on validation."""
-        metrics = getattr(self.training_module, 'metrics', None) or {}
-        return f'val_{next(iter(metrics))}' if len(metrics) == 1 else 'val_loss'
+    def epoch_means(self) -> dict[str, float]:
+        """The mean of every finite scalar logged so far in this epoch (e.g. ``val_acc`` over its architecture steps)."""
+        return {name: total / count for name, (total, count) in self._epoch_sums.items() if count}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums = {}
         return super().on_train_epoch_start()
-
-    def on_train_epoch_end(self) -> None:
-        result = super().on_train_epoch_end()
-        if self.nni_trial is not None and self.trainer.is_global_zero:
-            means = {name: total / count for name, (total, count) in self._epoch_sums.items() if count}
-            # None in an epoch without architecture steps (warm-up): there is no validation metric to report.
-            metric = nni_metric(means, self.nni_default_metric())
-            if metric is not None:
-                self.nni_trial.report_intermediate(metric)
-                self._last_nni_metric = metric
-        return result
-
-    def on_fit_end(self) -> None:
-        # The evaluator's module reports its own final result here too, but to NasExperiment's engine, not the trial.
-        result = super().on_fit_end()
-        if (self.nni_trial is not None and self.report_final_result and self.trainer.is_global_zero
-                and self._last_nni_metric is not None):
-            self.nni_trial.report_final(self._last_nni_metric)
-        return result
 
 
 def _warn_if_decoupled_weight_decay(optimizer: torch.optim.Optimizer) -> None:

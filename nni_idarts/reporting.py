@@ -8,7 +8,8 @@ so nothing shows in the web UI. The engine also leaves its own record (``paramet
 to the wrong parameter set.
 
 :class:`TrialReporter` captures the trial's channel and parameter record *before* the engine runs (the one-shot
-module is built then) and reports through them; :func:`trial_parameters_preserved` undoes the engine's leftover;
+module is built then) and reports through them; :class:`NniTrialCallback`, the Lightning callback the iDARTS module
+adds inside a trial, reports each epoch's means with it; :func:`trial_parameters_preserved` undoes the engine's leftover;
 :func:`outside_trial` hides the trial from NNI's own evaluator modules, which report by themselves whenever
 ``nni.get_current_parameter()`` is set.
 """
@@ -22,6 +23,7 @@ import warnings
 from typing import Any, Iterator, Mapping
 
 import nni
+import pytorch_lightning as pl
 import nni.trial
 from nni.runtime.trial_command_channel import (
     TrialCommandChannel, get_default_trial_command_channel, set_default_trial_command_channel)
@@ -73,6 +75,37 @@ class TrialReporter:
     def report_final(self, metric: Mapping[str, float]) -> None:
         with self._as_current():
             nni.report_final_result(dict(metric))
+
+
+class NniTrialCallback(pl.Callback):
+    """Reports a search to the NNI trial of ``reporter``: after every epoch the module's epoch means
+    (``pl_module.epoch_means()``) as an intermediate result, and at the end of fit, if ``report_final``, the last of
+    them as the final result. Only global rank 0 reports. An epoch without the default metric (warm-up: no
+    architecture step, so no validation metric) reports nothing."""
+
+    def __init__(self, reporter: TrialReporter, *, report_final: bool = True):
+        self.reporter = reporter
+        self.report_final = report_final
+        self.last_metric: dict[str, float] | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        metric = nni_metric(pl_module.epoch_means(), default_metric_key(pl_module.training_module))
+        if metric is not None:
+            self.reporter.report_intermediate(metric)
+            self.last_metric = metric
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # The evaluator's module reports its own final result too, but to NasExperiment's engine, not the trial.
+        if self.report_final and trainer.is_global_zero and self.last_metric is not None:
+            self.reporter.report_final(self.last_metric)
+
+
+def default_metric_key(training_module: Any) -> str:
+    """The key of NNI's ``'default'`` metric: like NNI's SupervisedLearningModule, the single metric on validation."""
+    metrics = getattr(training_module, 'metrics', None) or {}
+    return f'val_{next(iter(metrics))}' if len(metrics) == 1 else 'val_loss'
 
 
 def nni_metric(values: Mapping[str, float], default_key: str) -> dict[str, float] | None:
