@@ -346,6 +346,7 @@ class IDartsLightningModule(DartsLightningModule):
             raise ValueError('The evaluator\'s module uses manual optimization; iDARTS drives the weight optimizer '
                              'itself and needs an evaluator with automatic optimization.')
         _warn_if_decoupled_weight_decay(self.weight_optimizer())
+        _warn_if_lr_is_no_sgd_step(self.weight_optimizer(), self.hypergradient, self.gamma)
         if self.validation_stream is not None and self.trainer.world_size > 1:
             self.validation_stream.shard(self.trainer)
         if self.trainer.world_size > 1:
@@ -634,6 +635,20 @@ def _warn_if_decoupled_weight_decay(optimizer: torch.optim.Optimizer) -> None:
                       'not the gradient of an L2 term; the hypergradient\'s L_train adds 0.5 * weight_decay * |w|^2 '
                       'as for SGD, so it describes these weights only approximately. Use SGD (or Adam) with '
                       'weight_decay, or weight_decay=0 with AdamW, for an exact inner objective.', UserWarning)
+
+
+def _warn_if_lr_is_no_sgd_step(optimizer: torch.optim.Optimizer, method: str, gamma: Any) -> None:
+    """gamma=None (the paper's gamma = the weight lr) and ``unrolled``'s ``w' = w - lr * grad`` read the weight
+    learning rate as the size of a plain gradient step, which it is for SGD only: an adaptive optimizer's (Adam's)
+    lr scales normalised steps, so as a Neumann step size or a virtual step it means nothing in particular. NNI's
+    ``Classification`` evaluator uses Adam unless told otherwise, an easy trap."""
+    uses_lr = method == 'unrolled' or (method == 'implicit' and gamma is None)
+    if uses_lr and not isinstance(optimizer, torch.optim.SGD):
+        what = "unrolled's virtual step w' = w - lr * grad" if method == 'unrolled' else 'gamma=None (gamma = the lr)'
+        warnings.warn(f'iDARTS: {what} takes the weight learning rate as the size of a gradient step, but the weight '
+                      f'optimizer is {type(optimizer).__name__}, not SGD. Give the evaluator an SGD optimizer (e.g. '
+                      "Classification(..., optimizer=torch.optim.SGD), as the paper does)"
+                      + (" or set gamma to a number or 'auto'." if method == 'implicit' else '.'), UserWarning)
 
 
 def _structure(batch: Any) -> Any:

@@ -70,6 +70,30 @@ def test_decoupled_weight_decay_is_warned_about(splits, tmp_path, monkeypatch, w
     assert bool(found) == warned
 
 
+class PlainAdam(torch.optim.Adam):
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+
+@pytest.mark.parametrize('optimizer, options, warned', [
+    (PlainAdam, {}, True),                                      # gamma = Adam's lr: the evaluator trap
+    (PlainAdam, {'gamma': 'auto'}, False),                      # gamma chosen from the curvature instead
+    (PlainAdam, {'hypergradient': 'unrolled'}, True),           # w' = w - lr * grad with Adam's lr
+    (PlainAdam, {'hypergradient': 'first_order'}, False),       # no lr in the hypergradient
+    (None, {}, False),                                          # SGD (search()'s default)
+])
+def test_a_learning_rate_that_is_no_sgd_step_is_warned_about(splits, tmp_path, monkeypatch, optimizer, options,
+                                                              warned):
+    if optimizer is not None:
+        monkeypatch.setattr(search_module, 'MomentumSGD', optimizer)
+    strategy = IDartsStrategy(K=1, inner_steps=4, arc_learning_rate=0.01, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _search(strategy, splits, tmp_path, learning_rate=0.001, learning_rate_min=None)
+    found = [w for w in caught if 'not SGD' in str(w.message)]
+    assert len(found) == int(warned), [str(w.message) for w in found]
+
+
 def test_diagnostics_benchmark_quick(tmp_path):
     out = tmp_path / 'diagnostics.json'
     assert diagnostics.main(['--quick', '--out', str(out)]) == 0
