@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 from nni.nas.nn.pytorch import ModelSpace
 
 from .checkpoint import atomic_write_json
-from .errors import brief, reason
+from .errors import brief, read_user_text, reason
 
 
 class ArchError(ValueError):
@@ -40,22 +39,7 @@ MAX_ARCH_FILE_BYTES = 10 * 2**20
 def load_arch_file(path: str | Path) -> dict[str, Any]:
     """The document in ``path`` as ``{'arch': ..., 'space': ... or None, 'probs': ... or None}``, each part checked
     for its type; anything else is one :class:`ArchError` line naming the file."""
-    try:
-        info = Path(path).stat()
-        if not stat.S_ISREG(info.st_mode):  # a folder, a pipe or a device (which could be read forever)
-            raise ArchError(f'arch error: {path} is not a regular file')
-        size = info.st_size
-        if size > MAX_ARCH_FILE_BYTES:
-            raise ArchError(f'arch error: {path} has {size} bytes, too many for an architecture file '
-                            f'(at most {MAX_ARCH_FILE_BYTES})')
-        raw = Path(path).read_bytes()
-    except OSError as error:
-        raise ArchError(f'arch error: cannot read {path}: {error.strerror or error}') from error
-    try:
-        text = raw.decode('utf-8-sig')  # a byte-order mark, as some editors write, is skipped
-    except UnicodeDecodeError as error:
-        raise ArchError(f'arch error: {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}): '
-                        f'not an architecture JSON file') from error
+    text = read_user_text(path, ArchError, 'arch error', max_bytes=MAX_ARCH_FILE_BYTES, what='an architecture file')
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as error:

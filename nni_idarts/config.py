@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Union
 from search_spaces import SPACES, space_knobs
 
 from .data import DATASETS, load_splits
-from .errors import brief
+from .errors import brief, read_user_text
 from .module import HYPERGRADIENTS
 from .retrain import train_and_evaluate
 from .search import MAX_SEED, search
@@ -56,6 +56,10 @@ SEARCH_KEYS = ('epochs', 'batch_size', 'learning_rate', 'learning_rate_min', 'ne
                'checkpoint_every_n_steps')
 RETRAIN_KEYS = ('epochs', 'batch_size', 'learning_rate', 'weight_decay', 'seed')
 SECTIONS = ('space', 'data', 'strategy', 'search', 'retrain')
+
+
+#: A config is a few hundred bytes; anything near this is not one (and is not read whole into memory first).
+MAX_CONFIG_BYTES = 2**20
 
 
 class ConfigError(ValueError):
@@ -348,15 +352,7 @@ def load_config(path: str | Path) -> Config:
     """Read, parse and validate the YAML file ``path``."""
     import yaml
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f'config error: cannot read {path}: {error.strerror or error}') from error
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError as error:
-        raise ConfigError(f'config error: {path} is not UTF-8 text (byte {error.start}: '
-                          f'{brief(data[error.start:error.start + 4])})') from error
+    text = read_user_text(path, ConfigError, 'config error', max_bytes=MAX_CONFIG_BYTES, what='a YAML config')
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

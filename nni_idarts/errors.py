@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import reprlib
+import stat
+from pathlib import Path
 from typing import Any
 
 #: The longest a value may be when an error message repeats it (a YAML alias bomb can expand to megabytes).
@@ -55,3 +57,23 @@ def require_number(name: str, value: Any, *, minimum: float, inclusive: bool) ->
           and (value >= minimum if inclusive else value > minimum))
     if not ok:
         raise ValueError(f'{name} must be a finite number {">=" if inclusive else ">"} {minimum}; got {brief(value)}.')
+
+
+def read_user_text(path: str | Path, error: type[Exception], prefix: str, *, max_bytes: int, what: str) -> str:
+    """The UTF-8 text of a file a user names (a config, an architecture file), or ``error`` with one line starting
+    ``prefix``: a folder, pipe or device (which could be read forever), a file over ``max_bytes``, an unreadable
+    file and one that is not UTF-8 (``what`` says what it should have been) are each refused by name."""
+    try:
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f'{prefix}: {path} is not a regular file')
+        if info.st_size > max_bytes:
+            raise error(f'{prefix}: {path} has {info.st_size} bytes, too many for {what} (at most {max_bytes})')
+        raw = Path(path).read_bytes()
+    except OSError as failure:
+        raise error(f'{prefix}: cannot read {path}: {failure.strerror or failure}') from failure
+    try:
+        return raw.decode('utf-8-sig')  # a byte-order mark, as some editors write, is skipped
+    except UnicodeDecodeError as failure:
+        raise error(f'{prefix}: {path} is not UTF-8 text (byte {raw[failure.start]:#04x} at offset {failure.start}): '
+                    f'not {what}') from failure

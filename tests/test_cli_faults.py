@@ -66,7 +66,7 @@ def test_bad_config_is_one_line_before_anything_is_written(tmp_path, capsys, sec
 @pytest.mark.parametrize('text, message', [
     (b'search:\n  learning_rate: 5e-2\n', "'search.learning_rate' must be float, got str '5e-2' (YAML reads 5e-2 "
                                           'as text: write 5.0e-2)'),
-    ('output_dir: r\xe9sultats\n'.encode('latin-1'), 'is not UTF-8 text (byte 13'),
+    ('output_dir: r\xe9sultats\n'.encode('latin-1'), 'is not UTF-8 text (byte 0xe9 at offset 13)'),
     (f'search: {{batch_size: {BOMB}}}\n'.encode(), "'search.batch_size' must be int, got list [['lol', 'lol', "),
     (f'{BOMB}: 1\n'.encode(), 'is not valid YAML (line 1, column 1): found unhashable key'),
     (f'search: {{{BOMB}: 1}}\n'.encode(), 'is not valid YAML'),

@@ -117,8 +117,15 @@ def test_output_dir_and_document_shape(tmp_path):
 def test_yaml_file_problems_are_one_short_line(tmp_path):
     latin1 = tmp_path / 'latin1.yaml'
     latin1.write_bytes('output_dir: r\xe9sultats\n'.encode('latin-1'))
-    with pytest.raises(ConfigError, match=r'is not UTF-8 text \(byte 13'):
+    with pytest.raises(ConfigError, match=r'is not UTF-8 text \(byte 0xe9 at offset 13\)'):
         load_config(latin1)
+    # Read the same way as architecture files (nni_idarts.errors.read_user_text): no device, folder or huge file.
+    with pytest.raises(ConfigError, match='config error: /dev/zero is not a regular file'):
+        load_config('/dev/zero')
+    huge = tmp_path / 'huge.yaml'
+    huge.write_bytes(b'#' * (config_module.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match='too many for a YAML config'):
+        load_config(huge)
 
     # A 433-byte "billion laughs" document: its values expand to 9**9 strings, but a message shows a few of them.
     bomb = tmp_path / 'bomb.yaml'
