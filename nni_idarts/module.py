@@ -103,6 +103,10 @@ class ValidationStream:
 
     def next(self) -> Any:
         if self._iterator is None:
+            if hasattr(self.loader, '__len__') and self.position >= len(self.loader):
+                # A checkpoint taken when this pass had just been drawn to its end: the next batch opens the next
+                # pass (a resumable loader told to skip a whole pass starts it afresh instead, see checkpoint.py).
+                self.epoch, self.position = self.epoch + 1, 0
             self._start(self.position)
         assert self._iterator is not None
         try:

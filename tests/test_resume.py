@@ -86,6 +86,22 @@ def test_resume_after_a_kill_ends_with_the_same_alphas(tmp_path, kill_at, option
         assert torch.equal(resumed_state['power_vector'], final_state['power_vector'])
 
 
+@pytest.mark.parametrize('drawn', [1, 3, 4, 6])  # 3 and 6: a pass drawn to its very end (3 batches a pass)
+def test_validation_stream_resumes_where_it_stood_also_at_the_end_of_a_pass(drawn):
+    from nni_idarts.module import ValidationStream
+
+    data = TensorDataset(torch.arange(9))
+    whole = ValidationStream(resumable_loader(data, batch_size=3, seed=1))
+    stream = ValidationStream(resumable_loader(data, batch_size=3, seed=1))
+    for _ in range(drawn):
+        stream.next()
+    resumed = ValidationStream(resumable_loader(data, batch_size=3, seed=1))  # a fresh process's stream
+    resumed.load_state_dict(stream.state_dict())
+    expected = [whole.next()[0].tolist() for _ in range(drawn + 6)][drawn:]
+    assert [resumed.next()[0].tolist() for _ in range(6)] == expected
+    assert resumed.state_dict() == whole.state_dict()
+
+
 def test_resumable_loader_continues_the_same_order():
     data = TensorDataset(torch.arange(10))
     whole = [batch[0].tolist() for batch in resumable_loader(data, batch_size=3, seed=5)]
