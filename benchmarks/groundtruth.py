@@ -1,27 +1,34 @@
-"""Ground truth for the digits cell space: every architecture trained from scratch, 3 seeds, one fixed recipe.
+"""Ground truth for a digits cell space: every architecture trained from scratch, one fixed recipe, >= 2 seeds.
 
-    python -m benchmarks.groundtruth                 # the committed table: 125 archs x 3 seeds (~15 min, 2 workers)
+    python -m benchmarks.groundtruth                 # digits: 125 archs x 3 seeds (~22 CPU min)
+    python -m benchmarks.groundtruth --space digits_deep --workers 1   # 625 archs x 2 seeds (~20 CPU min)
     python -m benchmarks.groundtruth --quick --out /tmp/gt.json   # smoke run: 11 archs, 1 seed, tiny recipe (~15 s)
 
-The architectures are enumerated from the space itself (NNI's ``simplify()`` + grid), so the table follows
-:class:`~search_spaces.DigitsCellSpace`. Each architecture is built by NNI's ``freeze`` and trained with
-:func:`nni_idarts.retrain.train_and_evaluate` on the search's ``train`` split; its accuracy is measured on
-``val`` (what a search may select by) and on ``test`` (held out; what the benchmarks report).
+Spaces (``--space``, see :data:`RECIPES`): ``digits`` (:class:`~search_spaces.DigitsCellSpace`, 3 edges, 125
+architectures, table ``data/groundtruth.json``) and ``digits_deep`` (:class:`~search_spaces.DigitsDeepCellSpace`,
+4 edges with parameter-free ops anywhere, 625 architectures, table ``data/groundtruth_digits_deep.json``).
+The architectures are enumerated from the space itself (NNI's ``simplify()`` + grid). Each architecture is built
+by NNI's ``freeze`` and trained with :func:`nni_idarts.retrain.train_and_evaluate` on the search's ``train``
+split; its accuracy is measured on ``val`` (what a search may select by) and on ``test`` (held out; what the
+benchmarks report).
 
 Every finished training is appended to ``<out>.runs.jsonl`` at once, so an interrupted run resumes where it
-stopped (rows of another recipe are ignored); the table ``<out>`` is written from those rows at the end.
+stopped. Rows are keyed by :meth:`Recipe.fingerprint`: the recipe's values **and the code version** (a hash of
+the source of the space's modules and of the functions that build, train and score a model, and the library
+versions), so rows trained by other code are ignored rather than mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,9 +41,38 @@ from benchmarks._common import DATA_DIR, SPLIT_SEED, command_line, git_commit, m
 DEFAULT_TABLE = DATA_DIR / 'groundtruth.json'
 
 
+def default_table(space: str = 'digits') -> Path:
+    """Where the committed table of ``space`` lives (``digits`` keeps its historical name)."""
+    return DEFAULT_TABLE if space == 'digits' else DATA_DIR / f'groundtruth_{space}.json'
+
+
+#: The modules (files) that define each space: part of the code version of its rows.
+SPACE_MODULES = {'digits': ('search_spaces.digits',),
+                 'digits_deep': ('search_spaces.digits_deep', 'search_spaces.digits')}
+
+
+def code_version(space: str) -> str:
+    """A hash of the code a training depends on: the space's modules, the recipe's functions, the libraries."""
+    import importlib
+
+    import nni
+    import pytorch_lightning
+    import torch
+    from nni_idarts import retrain
+    from nni_idarts.data import digits_splits
+    from nni_idarts.search import MomentumSGD
+    parts = [inspect.getsource(importlib.import_module(name)) for name in SPACE_MODULES[space]]
+    # The functions, not their whole files: other changes to search.py or data.py do not retrain the table.
+    parts += [inspect.getsource(obj) for obj in (retrain.fixed_model, retrain.CosineClassificationModule,
+                                                 retrain.train_and_evaluate, MomentumSGD, digits_splits,
+                                                 train_one, accuracy)]
+    parts += [torch.__version__, nni.__version__, pytorch_lightning.__version__]
+    return hashlib.sha1('\0'.join(parts).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How every architecture is trained. The space's size is part of the recipe."""
+    """How every architecture is trained. The space and its size are part of the recipe."""
     epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 0.05
@@ -47,19 +83,26 @@ class Recipe:
     channels: int = 16
     num_cells: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
+    space: str = 'digits'
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """The recipe's values and the code version: rows of ``<out>.runs.jsonl`` are reused only if both match."""
+        return hashlib.sha1(json.dumps({**asdict(self), 'code': code_version(self.space)},
+                                       sort_keys=True).encode()).hexdigest()[:12]
 
 
+#: The committed recipe of each space. ``digits_deep``: 16 channels and 1 cell, so that 625 x 2 trainings take
+#: ~20 CPU minutes (~1 CPU s each) while the seed noise stays below the spread (RESULTS.md).
+RECIPES = {'digits': Recipe(),
+           'digits_deep': Recipe(space='digits_deep', channels=16, num_cells=1, seeds=(0, 1))}
 QUICK_RECIPE = Recipe(epochs=4, channels=8, num_cells=1, seeds=(0,))
 #: ``--quick`` trains every this-many-th architecture of the enumeration only.
 QUICK_STRIDE = 12
 
 
-def make_space(channels: int = 16, num_cells: int = 2):
-    from search_spaces.digits import DigitsCellSpace
-    return DigitsCellSpace(channels=channels, num_cells=num_cells)
+def make_space(channels: int = 16, num_cells: int = 2, space: str = 'digits'):
+    from search_spaces import SPACES
+    return SPACES[space](channels=channels, num_cells=num_cells)
 
 
 def architectures(model_space) -> list[dict[str, Any]]:
@@ -96,7 +139,7 @@ def train_one(arch: dict[str, Any], seed: int, recipe: Recipe) -> dict[str, Any]
     splits = digits_splits(SPLIT_SEED)
     start, start_cpu = time.perf_counter(), time.process_time()
     pl.seed_everything(seed, verbose=False)  # the initial weights depend on the seed too, not only the data order
-    model = fixed_model(make_space(recipe.channels, recipe.num_cells), arch)
+    model = fixed_model(make_space(recipe.channels, recipe.num_cells, recipe.space), arch)
     val = train_and_evaluate(model, splits.train, splits.val, epochs=recipe.epochs, batch_size=recipe.batch_size,
                              learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay, seed=seed,
                              trainer_kwargs={'enable_progress_bar': False})
@@ -110,8 +153,15 @@ def train_one(arch: dict[str, Any], seed: int, recipe: Recipe) -> dict[str, Any]
 def _read_runs(path: Path, recipe: Recipe) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row['recipe'] == recipe.fingerprint()]
+    fingerprint = recipe.fingerprint()
+    # A line cut short by a kill is skipped (it is the last one; its training is simply redone).
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [row for row in rows if row.get('recipe') == fingerprint]
 
 
 def _summarise(runs: list[dict[str, Any]], archs: list[dict[str, Any]], recipe: Recipe) -> list[dict[str, Any]]:
@@ -139,7 +189,7 @@ def _summarise(runs: list[dict[str, Any]], archs: list[dict[str, Any]], recipe: 
 
 
 def build(out: Path, recipe: Recipe, workers: int = 2, stride: int = 1) -> dict[str, Any]:
-    archs = architectures(make_space(recipe.channels, recipe.num_cells))[::stride]
+    archs = architectures(make_space(recipe.channels, recipe.num_cells, recipe.space))[::stride]
     runs_path = out.with_suffix('.runs.jsonl')
     runs = _read_runs(runs_path, recipe)
     done = {(r['key'], r['seed']) for r in runs}
@@ -148,17 +198,25 @@ def build(out: Path, recipe: Recipe, workers: int = 2, stride: int = 1) -> dict[
           f'{len(todo)} to go ({workers} worker processes)', flush=True)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with runs_path.open('a') as log, ProcessPoolExecutor(workers, mp_context=get_context('spawn')) as pool:
-        futures = [pool.submit(train_one, arch, seed, recipe) for arch, seed in todo]
-        for i, future in enumerate(as_completed(futures), start=1):
-            row = future.result()
+    with runs_path.open('a') as log:
+        def record(i: int, row: dict[str, Any]) -> None:
             log.write(json.dumps(row) + '\n')
             log.flush()
             runs.append(row)
             if i % 25 == 0 or i == len(todo):
                 print(f'  {i}/{len(todo)} trained, {time.perf_counter() - start:.0f} s', flush=True)
+
+        if workers == 1:   # in this process: no pool start-up, and a kill loses at most the training under way
+            for i, (arch, seed) in enumerate(todo, start=1):
+                record(i, train_one(arch, seed, recipe))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context('spawn')) as pool:
+                futures = [pool.submit(train_one, arch, seed, recipe) for arch, seed in todo]
+                for i, future in enumerate(as_completed(futures), start=1):
+                    record(i, future.result())
     table = {
         'command': command_line(), 'commit': git_commit(), 'recipe': asdict(recipe),
+        'recipe_fingerprint': recipe.fingerprint(), 'code_version': code_version(recipe.space),
         'data': f'nni_idarts.data.digits_splits({SPLIT_SEED}): train on train, val_acc on val, test_acc on test',
         'machine': machine(), 'wall_seconds_this_run': time.perf_counter() - start, 'workers': workers,
         'architectures': _summarise(runs, archs, recipe),
@@ -177,10 +235,11 @@ class GroundTruth:
         self.best_test_acc = max(row['test_acc_mean'] for row in self.rows)
 
     @classmethod
-    def load(cls, path: Path | str = DEFAULT_TABLE) -> 'GroundTruth':
-        path = Path(path)
+    def load(cls, path: Path | str | None = None, space: str = 'digits') -> 'GroundTruth':
+        path = Path(path) if path is not None else default_table(space)
         if not path.exists():
-            raise FileNotFoundError(f'No ground-truth table at {path}; make it with `python -m benchmarks.groundtruth`.')
+            raise FileNotFoundError(f'No ground-truth table at {path}; make it with '
+                                    f'`python -m benchmarks.groundtruth --space {space}`.')
         return cls(json.loads(path.read_text()))
 
     def __len__(self) -> int:
@@ -203,13 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true',
                         help=f'a smoke run: every {QUICK_STRIDE}th architecture, 1 seed, a small net and 4 epochs')
-    parser.add_argument('--out', type=Path, default=None, help=f'table to write (default: {DEFAULT_TABLE})')
-    parser.add_argument('--workers', type=int, default=2, help='training processes (default 2)')
+    parser.add_argument('--space', choices=sorted(RECIPES), default='digits', help='the space (default digits)')
+    parser.add_argument('--out', type=Path, default=None,
+                        help=f'table to write (default: {DEFAULT_TABLE} or data/groundtruth_<space>.json)')
+    parser.add_argument('--workers', type=int, default=2, help='training processes (default 2; 1 trains in this one)')
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error('--workers must be >= 1')
-    recipe = QUICK_RECIPE if args.quick else Recipe()
-    out = args.out or DEFAULT_TABLE
+    recipe = replace(QUICK_RECIPE, space=args.space) if args.quick else RECIPES[args.space]
+    out = args.out or default_table(args.space)
     if args.quick and args.out is None:
         parser.error('--quick needs --out, so that it never overwrites the committed table')
     quiet()
