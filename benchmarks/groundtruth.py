@@ -252,6 +252,15 @@ class GroundTruth:
         """Test accuracy lost against the best architecture of the table (0 for the best)."""
         return self.best_test_acc - self.row(arch)['test_acc_mean']
 
+    def op_marginals(self) -> dict[str, dict[str, float]]:
+        """label -> op -> mean test accuracy of the architectures that use ``op`` on ``label`` (the ground-truth
+        value of an op on an edge, averaged over everything else)."""
+        sums: dict[str, dict[str, list[float]]] = {}
+        for row in self.rows:
+            for label, op in row['arch'].items():
+                sums.setdefault(label, {}).setdefault(op, []).append(row['test_acc_mean'])
+        return {label: {op: statistics.fmean(accs) for op, accs in by_op.items()} for label, by_op in sums.items()}
+
     def percentile(self, arch: dict[str, Any]) -> float:
         """Share of the table, in %, that is strictly better on mean test accuracy (0: the best; < 10: top 10%)."""
         acc = self.row(arch)['test_acc_mean']
