@@ -95,7 +95,10 @@ class _ResumableDataLoader(DataLoader):
         return {'position': self._position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state['position'])
+        position = int(state['position'])
+        # A checkpoint taken after the last batch of a pass holds a finished pass: Lightning resumes with the next
+        # epoch, which must then start at its beginning (skipping a whole pass would silently drop that epoch).
+        self._skip = 0 if position >= len(self) else position
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip, self._skip = self._skip, 0

@@ -10,7 +10,8 @@ Notation: ``g_a = grad_a L_val``, ``v = grad_w L_val``, ``H = d2_w L_train`` (th
 - :func:`first_order`:  ``g_a``                                              (DARTS, 1st order)
 - :func:`unrolled`:     ``grad_a L_val(w', a) - lr * M(w) . grad_w' L_val(w', a)``,
                         ``w' = w - lr * grad_w L_train(w, a)``                (DARTS, 2nd order)
-- :func:`neumann`:      ``g_a - gamma * M . sum_{k=0..K} (I - gamma * H)^k . v``  (iDARTS)
+- :func:`neumann`:      ``g_a - gamma * M . sum_{k=0..K} (I - gamma * (H + damping * I))^k . v``  (iDARTS;
+                        damping = 0 in the paper)
 - :func:`exact`:        ``g_a - M . H^-1 . v``, by a dense solve            (implicit function theorem)
 
 All second-order products are exact double-backprop products (no finite differences). No function leaves a
@@ -29,6 +30,7 @@ of any distributed library, and ``reduce`` must be called the same number of tim
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -45,7 +47,13 @@ def _identity(tensors: Tensors) -> tuple[torch.Tensor, ...]:
 #: Above this many weights :func:`exact` refuses: its dense Hessian needs ``n`` Hessian-vector products and n^2 memory.
 EXACT_MAX_WEIGHTS = 10_000
 
-__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'largest_eigenvalue', 'EXACT_MAX_WEIGHTS', 'Reduce']
+__all__ = ['first_order', 'unrolled', 'neumann', 'exact', 'power_iteration', 'largest_eigenvalue', 'auto_gamma',
+           'random_vector',
+           'EXACT_MAX_WEIGHTS', 'AUTO_GAMMA_SCALE', 'Reduce']
+
+#: ``c`` of :func:`auto_gamma`: gamma * lambda_max <= c keeps every factor (1 - gamma * lambda) of the series's
+#: positive-curvature directions in [0, 1), half way below the divergence bound of 2.
+AUTO_GAMMA_SCALE = 1.0
 
 
 def _grad(output: torch.Tensor, inputs: Tensors, grad_outputs: Tensors | None = None, *,
@@ -147,33 +155,66 @@ def _mixed_product(train_loss: Loss, weights: Tensors, alphas: Tensors, vector: 
 
 
 def neumann(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
-            K: int = 2, gamma: float, reduce: Reduce = _identity) -> tuple[torch.Tensor, ...]:
+            K: int = 2, gamma: float, damping: float = 0.0, reduce: Reduce = _identity,
+            diagnostics: dict[str, float] | None = None) -> tuple[torch.Tensor, ...]:
     """iDARTS (Zhang et al., 2021): the implicit hypergradient with a K-term Neumann series for the inverse Hessian.
 
-    ``grad_a L_val - gamma * d2_{a,w} L_train . sum_{k=0..K} (I - gamma * d2_w L_train)^k . grad_w L_val``
+    ``grad_a L_val - gamma * d2_{a,w} L_train . sum_{k=0..K} (I - gamma * (H + damping * I))^k . grad_w L_val``,
+    ``H = d2_w L_train``.
 
-    ``gamma * sum_{k=0..K} (I - gamma * H)^k`` tends to ``H^-1`` as K grows when ``0 < gamma < 2 / lambda_max(H)``
-    and H is positive definite; K = 0 gives ``gamma * I``. The graph of ``grad_w L_train`` is built once (one
-    forward pass) and each of the K Hessian-vector products and the final mixed product is one more backward
-    pass through it.
+    ``gamma * sum_{k=0..K} (I - gamma * (H + damping * I))^k`` tends to ``(H + damping * I)^-1`` as K grows when
+    every eigenvalue of ``H + damping * I`` lies in ``(0, 2 / gamma)``: for ``damping = 0`` (the paper) that needs a
+    positive definite H and ``gamma * lambda_max < 2``; on an indefinite H (a supernet away from a strict minimum)
+    it needs ``damping > |lambda_min|`` and ``gamma * (lambda_max + damping) < 2``. K = 0 gives ``gamma * I``.
+    The graph of ``grad_w L_train`` is built once (one forward pass) and each of the K Hessian-vector products and
+    the final mixed product is one more backward pass through it.
+
+    ``diagnostics``: if a dict is given, it receives, at no extra pass, ``correction_ratio`` (the norm of the
+    implicit correction ``gamma * M . sum`` over the norm of ``grad_a L_val``), ``cosine_to_first_order`` (cosine
+    between the result and ``grad_a L_val``) and ``term_growth`` (``|term_K| / |term_0|`` of the series; above 1 the
+    terms grow, i.e. the series is not converging; 1.0 for K = 0).
     """
     _check(weights, alphas)
     if not isinstance(K, int) or isinstance(K, bool) or K < 0:
         raise ValueError(f'K (the number of Neumann terms) must be an integer >= 0, got {K!r}.')
     if not gamma > 0:
         raise ValueError(f'gamma must be > 0, got {gamma}.')
+    if not damping >= 0:
+        raise ValueError(f'damping must be >= 0, got {damping}.')
     val_grad_w, val_grad_a = _split_val_grads(val_loss, weights, alphas, reduce)
 
     train_grads = _grad(train_loss(), weights, create_graph=True)
-    term = val_grad_w        # (I - gamma H)^k v, for k = 0
+    term = val_grad_w        # (I - gamma (H + damping I))^k v, for k = 0
     total = list(val_grad_w)  # sum of the terms so far
+    shrink = 1.0 - gamma * damping
     for _ in range(K):
         # Reduced before the next term: the next product must be taken with the global H's term on every rank.
         hvp = reduce(_vjp(train_grads, weights, term))
-        term = tuple(t - gamma * h for t, h in zip(term, hvp))
+        term = tuple(shrink * t - gamma * h for t, h in zip(term, hvp))
         total = [s + t for s, t in zip(total, term)]
     mixed = reduce(_vjp(train_grads, alphas, total))
-    return tuple(ga - gamma * m for ga, m in zip(val_grad_a, mixed))
+    correction = tuple(gamma * m for m in mixed)
+    result = tuple(ga - c for ga, c in zip(val_grad_a, correction))
+    if diagnostics is not None:
+        diagnostics.update(_series_diagnostics(val_grad_a, correction, result, val_grad_w, term))
+    return result
+
+
+def _norm(tensors: Tensors) -> float:
+    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))  # type: ignore[arg-type]
+
+
+def _series_diagnostics(first: Tensors, correction: Tensors, result: Tensors, first_term: Tensors,
+                        last_term: Tensors) -> dict[str, float]:
+    """What :func:`neumann` reports in ``diagnostics`` (see there); ratios of zero norms are reported as 0."""
+    first_norm, result_norm = _norm(first), _norm(result)
+    dot = float(sum((a.detach().double() * b.detach().double()).sum() for a, b in zip(first, result)))
+    term0 = _norm(first_term)
+    return {
+        'correction_ratio': _norm(correction) / first_norm if first_norm > 0 else 0.0,
+        'cosine_to_first_order': dot / (first_norm * result_norm) if first_norm > 0 and result_norm > 0 else 0.0,
+        'term_growth': _norm(last_term) / term0 if term0 > 0 else 0.0,
+    }
 
 
 def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *,
@@ -205,29 +246,60 @@ def exact(train_loss: Loss, val_loss: Loss, weights: Tensors, alphas: Tensors, *
     return tuple(ga - m for ga, m in zip(val_grad_a, mixed))
 
 
-def largest_eigenvalue(train_loss: Loss, weights: Tensors, *, iters: int = 30, seed: int = 0,
-                       reduce: Reduce = _identity) -> float:
-    """Estimate ``lambda_max(d2_w L_train)`` by power iteration with Hessian-vector products, to choose ``gamma``.
+def power_iteration(train_loss: Loss, weights: Tensors, vector: Tensors, *, iters: int,
+                    reduce: Reduce = _identity) -> tuple[float, tuple[torch.Tensor, ...]]:
+    """``iters`` steps of the power iteration on ``H = d2_w L_train`` from ``vector``: ``(estimate, next vector)``.
 
-    :func:`neumann` converges only when ``0 < gamma < 2 / lambda_max`` (and H is positive definite). The paper's
-    ``gamma`` = the weight learning rate can violate that on a sharp supernet (see benchmarks/RESULTS.md), so check
-    it with this, e.g. ``gamma = 1 / largest_eigenvalue(...)``. One forward pass and ``iters`` backward passes; the
-    result is the eigenvalue of largest magnitude (a strongly negative one shows H is far from a minimum). The
-    weights are not changed.
+    The estimate is the Rayleigh quotient ``u . H u`` of the last unit vector u, which tends to the eigenvalue of
+    largest magnitude (a strongly negative one shows H is far from a minimum). The returned vector is the last
+    ``H u``: pass it back as ``vector`` to continue (a warm start), e.g. one or two steps per architecture step while
+    the weights move. One forward pass and ``iters`` Hessian-vector products; the weights are not changed.
     """
     if not weights:
         raise ValueError('No weights were given: there is no Hessian to estimate.')
-    if not isinstance(iters, int) or iters < 1:
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f'iters must be an integer >= 1, got {iters!r}.')
-    generator = torch.Generator(device='cpu').manual_seed(seed)
-    vector = [torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in weights]
+    current = [v.detach() for v in vector]
     train_grads = _grad(train_loss(), weights, create_graph=True)
     estimate = 0.0
     for _ in range(iters):
-        norm = torch.sqrt(_dot(vector, vector))
-        vector = [v / norm for v in vector]
-        product = reduce(_vjp(train_grads, weights, vector))
-        estimate = float(_dot(vector, product))  # Rayleigh quotient of the unit vector
-        vector = list(product)
-    return estimate
+        norm = torch.sqrt(_dot(current, current))
+        if not norm > 0:
+            raise ValueError('The power iteration reached a zero vector (H u = 0): restart it from a random vector.')
+        current = [v / norm for v in current]
+        product = reduce(_vjp(train_grads, weights, current))
+        estimate = float(_dot(current, product))  # Rayleigh quotient of the unit vector
+        current = [p.detach() for p in product]
+    return estimate, tuple(current)
 
+
+def random_vector(weights: Tensors, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A start vector for :func:`power_iteration` shaped like ``weights``, the same on every rank for one seed."""
+    generator = torch.Generator(device='cpu').manual_seed(seed)
+    return tuple(torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in weights)
+
+
+def largest_eigenvalue(train_loss: Loss, weights: Tensors, *, iters: int = 30, seed: int = 0,
+                       reduce: Reduce = _identity) -> float:
+    """Estimate ``lambda_max(d2_w L_train)`` by :func:`power_iteration` from a random vector, to choose ``gamma``.
+
+    :func:`neumann` converges only when ``0 < gamma < 2 / lambda_max`` (and H is positive definite). One forward
+    pass and ``iters`` backward passes; the result is the eigenvalue of largest magnitude. The weights are not changed.
+    """
+    if not weights:
+        raise ValueError('No weights were given: there is no Hessian to estimate.')
+    return power_iteration(train_loss, weights, random_vector(weights, seed), iters=iters, reduce=reduce)[0]
+
+
+def auto_gamma(lr: float, lambda_max: float, scale: float = AUTO_GAMMA_SCALE) -> float:
+    """``min(lr, scale / |lambda_max|)``: the paper's gamma = lr unless the curvature makes it too large.
+
+    The magnitude is used because the power iteration returns the eigenvalue of largest magnitude, which may be
+    negative; ``gamma * |lambda| <= scale`` bounds the series's factors either way.
+    """
+    if not lr > 0:
+        raise ValueError(f'lr must be > 0, got {lr}.')
+    if not scale > 0:
+        raise ValueError(f'scale must be > 0, got {scale}.')
+    magnitude = abs(lambda_max)
+    return lr if magnitude == 0 or not math.isfinite(magnitude) else min(lr, scale / magnitude)

@@ -32,11 +32,14 @@ has a global-batch loss that is exactly the mean of the rank losses.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
+from lightning_fabric.utilities.data import _set_sampler_epoch
+from pytorch_lightning.trainer.states import RunningStage
 from torch.nn.parallel import DistributedDataParallel
 
 from . import hypergradient
@@ -44,6 +47,71 @@ from .reporting import TrialReporter, nni_metric
 
 #: The values of the ``hypergradient`` option and what each computes.
 HYPERGRADIENTS = ('implicit', 'unrolled', 'first_order')
+
+#: ``gamma='auto'``: power-iteration steps (Hessian-vector products) at the first architecture step, from a random
+#: vector; then ``AUTO_ITERS`` more every ``AUTO_EVERY`` architecture steps, warm-started from the last vector.
+AUTO_INITIAL_ITERS = 10
+AUTO_ITERS = 2
+AUTO_EVERY = 5
+#: Warn when the last Neumann term is this many times the first: terms that grow show the series is not converging;
+#: a margin above 1 keeps the warning for real growth, not for the ~1.00x of near-flat directions at a small gamma.
+TERM_GROWTH_WARNING = 1.1
+
+
+class NeumannSeriesWarning(UserWarning):
+    """The terms of the Neumann series grew: the implicit gradient is not an inverse-Hessian product there."""
+
+
+class ValidationStream:
+    """The validation batches of the architecture steps: drawn one per step, in order, never skipped.
+
+    The loader is read pass after pass (pass p shuffled as the loader's epoch p), independently of the training
+    loader's epochs, so every validation batch is used once per pass whatever the number T of weight steps per
+    architecture step. Its position (pass, batches drawn) goes into the checkpoint; a loader with Lightning's
+    ``load_state_dict`` protocol (:class:`~nni_idarts.checkpoint.ResumableDataLoader`) resumes without loading the
+    batches it skips, any other by drawing and dropping them.
+    """
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.epoch = 0        # the pass over the loader
+        self.position = 0     # batches drawn in this pass
+        self._iterator: Iterator[Any] | None = None
+
+    def shard(self, trainer: Any) -> None:
+        """Under DDP, give the loader a distributed sampler, as Lightning does for the training loader."""
+        self.loader = trainer._data_connector._prepare_dataloader(self.loader, shuffle=True, mode=RunningStage.TRAINING)
+        self._iterator = None
+
+    def _start(self, skip: int) -> None:
+        _set_sampler_epoch(self.loader, self.epoch)
+        resumable = hasattr(self.loader, 'load_state_dict')
+        if skip and resumable:
+            self.loader.load_state_dict({'position': skip})
+        self._iterator = iter(self.loader)
+        if not resumable:
+            for _ in range(skip):
+                next(self._iterator)
+
+    def next(self) -> Any:
+        if self._iterator is None:
+            self._start(self.position)
+        assert self._iterator is not None
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start(0)
+            batch = next(self._iterator)  # type: ignore[arg-type]  # an empty loader is refused by the strategy
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {'epoch': self.epoch, 'position': self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state['epoch']), int(state['position'])
+        self._iterator = None
 
 
 class NonFiniteStepError(RuntimeError):
@@ -57,10 +125,11 @@ class NonFiniteHypergradientError(NonFiniteStepError):
 class IDartsLightningModule(DartsLightningModule):
     """One-shot module of :class:`~nni_idarts.IDartsStrategy`. See the strategy for the meaning of the options.
 
-    Each training batch is a dict ``{'train': ..., 'val': ...}`` (NNI's DARTS combined loader). Every batch makes
-    one weight step on its ``train`` part; every ``inner_steps``-th batch (counted over the whole search, starting
-    with the first) first makes an architecture step, whose hypergradient uses the ``val`` part for L_val and the
-    ``train`` part for L_train. With ``inner_steps=1`` and ``hypergradient='first_order'`` this is exactly NNI's DARTS.
+    The paper's loop: every training batch (``{'train': ...}``, from the strategy's loader) makes one weight step;
+    after every ``inner_steps`` (T) weight steps (counted over the whole search, so an epoch's end does not shorten
+    the gap; none at initialisation) comes one architecture step on the next batch of the validation stream
+    (:class:`ValidationStream`, set by the strategy), with L_val on that batch and L_train on the training batch of
+    the last weight step, at the weights after it, plus the weight optimizer's L2 weight decay.
 
     Inside an NNI trial (``nnictl create``) the module reports to the trial by itself: after every epoch the epoch
     means of its logged metrics as an intermediate result (``'default'``: the validation accuracy of the
@@ -71,7 +140,8 @@ class IDartsLightningModule(DartsLightningModule):
     def __init__(self, training_module: nn.Module, *,
                  hypergradient: str = 'implicit',
                  K: int = 2,
-                 gamma: float | None = None,
+                 gamma: float | str | None = None,
+                 damping: float = 0.0,
                  inner_steps: int = 5,
                  arc_learning_rate: float = 3.0e-4,
                  gradient_clip_val: float | None = None,
@@ -87,8 +157,15 @@ class IDartsLightningModule(DartsLightningModule):
         self.hypergradient = hypergradient
         self.K = K
         self.gamma = gamma
+        self.damping = damping
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.validation_stream: ValidationStream | None = None  # set by the strategy with its validation loader
+        self.last_val_batch: Any = None       # the validation batch of the last architecture step (for probes)
+        self._arch_steps = 0                  # architecture steps attempted (the schedule of gamma='auto')
+        self._lambda_max: float | None = None  # gamma='auto': the latest estimate of lambda_max(H)
+        self._power_vector: tuple[torch.Tensor, ...] | None = None  # and its warm start
+        self._warned_series = False
         self._nonfinite_in_a_row = 0          # architecture steps
         self._nonfinite_total = 0
         self._nonfinite_weight_in_a_row = 0   # weight steps
@@ -240,7 +317,9 @@ class IDartsLightningModule(DartsLightningModule):
         if not self.training_module.automatic_optimization:
             raise ValueError('The evaluator\'s module uses manual optimization; iDARTS drives the weight optimizer '
                              'itself and needs an evaluator with automatic optimization.')
-        self._lightning_weight_optimizer()
+        _warn_if_decoupled_weight_decay(self.weight_optimizer())
+        if self.validation_stream is not None and self.trainer.world_size > 1:
+            self.validation_stream.shard(self.trainer)
         if self.trainer.world_size > 1:
             # DDP broadcast the weights from rank 0 but not the alphas, which it ignores: do it here.
             with torch.no_grad():
@@ -251,18 +330,9 @@ class IDartsLightningModule(DartsLightningModule):
     # ----- the search loop -----
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        if not isinstance(batch, dict) or 'train' not in batch or 'val' not in batch:
-            raise TypeError('iDARTS expects batches of the form {"train": ..., "val": ...} from the DARTS combined loader; '
+        if not isinstance(batch, dict) or 'train' not in batch:
+            raise TypeError('iDARTS expects batches of the form {"train": ...} from IDartsStrategy\'s loader; '
                             f'got {type(batch).__name__}.')
-        if not self._batches_checked:
-            _check_same_structure(batch['train'], batch['val'])
-            self._batches_checked = True
-        warmed_up = self.trainer.current_epoch >= self.warmup_epochs
-        # Batches are counted over the whole search (Lightning's progress, which a resumed run restores), not within
-        # the epoch: so there are always inner_steps weight steps between two architecture steps, across epoch ends.
-        if warmed_up and self.trainer.fit_loop.epoch_loop.total_batch_idx % self.inner_steps == 0:
-            self.architecture_step(batch['train'], batch['val'], batch_idx)
-
         self.resample()
         buffers = self._snapshot_buffers()
         out = self.training_module.training_step(batch['train'], 2 * batch_idx + 1)
@@ -270,9 +340,27 @@ class IDartsLightningModule(DartsLightningModule):
         self.weight_step(loss, batch_idx, buffers)
         self.advance_lr_schedulers(batch_idx)
 
+        self.last_val_batch = None
+        warmed_up = self.trainer.current_epoch >= self.warmup_epochs
+        # Weight steps are counted over the whole search (Lightning's progress, which a resumed run restores), not
+        # within the epoch: so an architecture step follows every T-th weight step, across epoch ends too.
+        if warmed_up and (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.inner_steps == 0:
+            val_batch = self._next_val_batch()
+            if not self._batches_checked:
+                _check_same_structure(batch['train'], val_batch)
+                self._batches_checked = True
+            self.last_val_batch = val_batch
+            self.architecture_step(batch['train'], val_batch, batch_idx)
+
         if batch_idx % self.log_prob_every_n_step == 0:
             self.log_probs(self.export_probs())
         return out
+
+    def _next_val_batch(self) -> Any:
+        if self.validation_stream is None:
+            raise RuntimeError('No validation loader: IDartsLightningModule is driven by IDartsStrategy, which sets '
+                               'its validation_stream from the evaluator\'s val_dataloaders.')
+        return self._apply_batch_transfer_handler(self.validation_stream.next())
 
     def weight_step(self, loss: torch.Tensor, batch_idx: int,
                     buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
@@ -298,11 +386,15 @@ class IDartsLightningModule(DartsLightningModule):
         self._optimizer_progress += 1
 
     def compute_hypergradient(self, train_batch: Any, val_batch: Any, batch_idx: int,
-                              losses: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                              losses: list[torch.Tensor] | None = None,
+                              diagnostics: dict[str, float] | None = None) -> tuple[torch.Tensor, ...]:
         """The architecture gradient for one step, by the configured ``hypergradient`` method.
 
-        Under data parallelism it is the hypergradient of the mean loss over the global batch (see the module
-        docstring), identical on every rank. The loss values the closures compute are appended to ``losses``.
+        L_val is the evaluator's loss on ``val_batch``; L_train its loss on ``train_batch`` plus the weight
+        optimizer's L2 weight decay. Under data parallelism it is the hypergradient of the mean loss over the global
+        batch (see the module docstring), identical on every rank. The loss values the closures compute are appended
+        to ``losses``; for ``'implicit'``, ``diagnostics`` receives ``gamma``, ``lambda_max`` (with gamma='auto')
+        and what :func:`~nni_idarts.hypergradient.neumann` reports.
         """
         alphas = self.arch_parameters()
         weights = self.weight_parameters()
@@ -327,8 +419,37 @@ class IDartsLightningModule(DartsLightningModule):
         if self.hypergradient == 'unrolled':
             return hypergradient.unrolled(train_loss, val_loss, weights, alphas, lr=self.current_weight_lr(),
                                           reduce=reduce)
-        gamma = self.gamma if self.gamma is not None else self.current_weight_lr()
-        return hypergradient.neumann(train_loss, val_loss, weights, alphas, K=self.K, gamma=gamma, reduce=reduce)
+        gamma = self._neumann_gamma(train_loss, weights)
+        found: dict[str, float] = {}
+        grads = hypergradient.neumann(train_loss, val_loss, weights, alphas, K=self.K, gamma=gamma,
+                                      damping=self.damping, reduce=reduce, diagnostics=found)
+        if diagnostics is not None:
+            diagnostics.update(found, gamma=gamma)
+            if self._lambda_max is not None:
+                diagnostics['lambda_max'] = self._lambda_max
+        return grads
+
+    def _neumann_gamma(self, train_loss: hypergradient.Loss, weights: list[nn.Parameter]) -> float:
+        """gamma for this step: the option's number, the current weight lr (None) or, for 'auto',
+        ``min(lr, 1 / lambda_max)`` with lambda_max re-estimated on this step's L_train every AUTO_EVERY steps."""
+        lr = self.current_weight_lr()
+        if self.gamma is None:
+            return lr
+        if self.gamma != 'auto':
+            return float(self.gamma)
+        if self._power_vector is None or self._lambda_max is None:
+            vector, iters = hypergradient.random_vector(weights), AUTO_INITIAL_ITERS
+        elif self._arch_steps % AUTO_EVERY == 0:
+            vector, iters = self._power_vector, AUTO_ITERS
+        else:
+            return hypergradient.auto_gamma(lr, self._lambda_max)
+        estimate, vector = hypergradient.power_iteration(train_loss, weights, vector, iters=iters,
+                                                         reduce=self._mean_over_ranks)
+        if torch.isfinite(torch.tensor(estimate)) and all(torch.isfinite(v).all() for v in vector):
+            self._lambda_max, self._power_vector = estimate, vector
+        else:  # a non-finite batch: keep the last estimate (the step itself is skipped by the finiteness gate)
+            self._power_vector = None if self._lambda_max is None else self._power_vector
+        return hypergradient.auto_gamma(lr, self._lambda_max if self._lambda_max is not None else 0.0)
 
     def architecture_step(self, train_batch: Any, val_batch: Any, batch_idx: int) -> None:
         arc_optim = self.architecture_optimizers()
@@ -338,7 +459,9 @@ class IDartsLightningModule(DartsLightningModule):
         alphas = self.arch_parameters()
         buffers = self._snapshot_buffers()
         losses: list[torch.Tensor] = []
-        grads = self.compute_hypergradient(train_batch, val_batch, batch_idx, losses)
+        diagnostics: dict[str, float] = {}
+        grads = self.compute_hypergradient(train_batch, val_batch, batch_idx, losses, diagnostics)
+        self._arch_steps += 1
         norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
 
         if not self._all_ranks_finite([*losses, norm]):
@@ -353,6 +476,52 @@ class IDartsLightningModule(DartsLightningModule):
             alpha.grad = grad.detach().to(alpha.dtype)
         arc_optim.step()
         self.log('hypergradient_norm', norm.float())
+        for key, value in diagnostics.items():
+            self.log(key, float(value))
+        self._warn_if_series_grows(diagnostics)
+
+    def _warn_if_series_grows(self, diagnostics: dict[str, float]) -> None:
+        growth = diagnostics.get('term_growth', 0.0)
+        if self._warned_series or self.K == 0 or not growth > TERM_GROWTH_WARNING or not self.trainer.is_global_zero:
+            return
+        self._warned_series = True
+        gamma = diagnostics['gamma']
+        curvature = (f', gamma * lambda_max = {gamma * diagnostics["lambda_max"]:.3g}'
+                     if 'lambda_max' in diagnostics else '')
+        warnings.warn(
+            f'iDARTS: the Neumann series is not converging at architecture step {self._arch_steps} (its last term is '
+            f'{growth:.3g}x the first, gamma = {gamma:.3g}{curvature}): the weight Hessian has directions of negative '
+            'or too large curvature there, so the implicit gradient is not an inverse-Hessian product and more '
+            'terms (K) move it further from it. Remedies: damping > 0 (above the most negative curvature), '
+            "gamma='auto' (caps gamma at 1/lambda_max), or a smaller K. The logged term_growth, "
+            'cosine_to_first_order and correction_ratio show how it evolves (warned once).',
+            NeumannSeriesWarning, stacklevel=2)
+
+    # ----- checkpoints: the state a resumed search needs besides Lightning's -----
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint['idarts'] = {
+            'validation_stream': self.validation_stream.state_dict() if self.validation_stream is not None else None,
+            'arch_steps': self._arch_steps,
+            'lambda_max': self._lambda_max,
+            'power_vector': [v.detach().cpu() for v in self._power_vector] if self._power_vector is not None else None,
+            'warned_series': self._warned_series,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get('idarts')
+        if state is None:
+            return
+        if state['validation_stream'] is not None and self.validation_stream is not None:
+            self.validation_stream.load_state_dict(state['validation_stream'])
+        self._arch_steps = state['arch_steps']
+        self._lambda_max = state['lambda_max']
+        vectors = state['power_vector']
+        self._power_vector = (None if vectors is None else
+                              tuple(v.to(p.device) for v, p in zip(vectors, self.weight_parameters())))
+        self._warned_series = state['warned_series']
 
     # ----- reporting to an NNI trial -----
 
@@ -393,6 +562,19 @@ class IDartsLightningModule(DartsLightningModule):
                 and self._last_nni_metric is not None):
             self.nni_trial.report_final(self._last_nni_metric)
         return result
+
+
+def _warn_if_decoupled_weight_decay(optimizer: torch.optim.Optimizer) -> None:
+    """L_train adds ``0.5 * weight_decay * |w|^2`` (see ``_l2_penalty``): the objective SGD's coupled weight decay
+    minimises. Decoupled decay (AdamW, ``decoupled_weight_decay=True``) is no gradient of any term of the loss, so
+    the weights it reaches are not a minimum of that L_train and the implicit gradient is only approximate."""
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+        group.get('decoupled_weight_decay', False) for group in optimizer.param_groups)
+    if decoupled and any(group.get('weight_decay', 0.0) for group in optimizer.param_groups):
+        warnings.warn(f'iDARTS: the weight optimizer {type(optimizer).__name__} uses decoupled weight decay, which is '
+                      'not the gradient of an L2 term; the hypergradient\'s L_train adds 0.5 * weight_decay * |w|^2 '
+                      'as for SGD, so it describes these weights only approximately. Use SGD (or Adam) with '
+                      'weight_decay, or weight_decay=0 with AdamW, for an exact inner objective.', UserWarning)
 
 
 def _structure(batch: Any) -> Any:

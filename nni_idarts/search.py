@@ -6,6 +6,7 @@ the NNI trial and the benchmarks all call :func:`search`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +33,42 @@ class MomentumSGD(torch.optim.SGD):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+class NesterovSGD(torch.optim.SGD):
+    """SGD with Nesterov momentum 0.9 (the weight optimizer of the NAS-Bench-201 search code)."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+
+
 @dataclass
 class SearchResult:
     arch: dict[str, Any]                     #: label -> chosen value, as NNI exports it
     probs: dict[str, dict[Any, float]]       #: label -> {value: probability} at the end of the search
     strategy: DARTS = field(repr=False)      #: the strategy that ran (an IDartsStrategy or any NNI DARTS-family one)
+
+
+class CosineAnnealedLR(pl.Callback):
+    """Sets the weight optimizer's learning rate at the start of each epoch e of E to
+    ``lr_min + (lr - lr_min) * (1 + cos(pi * e / E)) / 2`` (DARTS' and iDARTS' CosineAnnealingLR(E, eta_min), stepped
+    per epoch), and logs it as ``lr``. It depends only on the epoch, so a resumed search gets the same rates.
+    The architecture optimizer (NNI marks it ``is_arch_optimizer``) keeps its own rate."""
+
+    def __init__(self, lr: float, lr_min: float, epochs: int):
+        self.lr, self.lr_min, self.epochs = lr, lr_min, epochs
+
+    def rate(self, epoch: int) -> float:
+        return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Set before every batch, not once per epoch: a resumed search restores the optimizer's saved rate after the
+        # epoch has started, and only this keeps the schedule a function of the epoch alone.
+        rate = self.rate(trainer.current_epoch)
+        for optimizer in trainer.optimizers:
+            if not getattr(optimizer, 'is_arch_optimizer', False):
+                for group in optimizer.param_groups:
+                    group['lr'] = rate
+        pl_module.log('lr', rate)
 
 
 class _ReportableAfterResume(pl.Callback):
@@ -49,14 +81,18 @@ class _ReportableAfterResume(pl.Callback):
 
 
 def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, strategy: IDartsStrategy | DARTS, *,
-           epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025, weight_decay: float = 3e-4,
+           epochs: int = 10, batch_size: int = 64, learning_rate: float = 0.025,
+           learning_rate_min: float | None = 0.001, weight_decay: float = 3e-4, nesterov: bool = False,
            num_classes: int = 10, seed: int | None = 0, workdir: str | None = None,
            trainer_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | None = None,
            checkpoint_dir: str | None = None, checkpoint_every_n_steps: int = 50,
            resume_from: str | None = None, shuffle: bool = True) -> SearchResult:
     """Search ``model_space`` with ``strategy`` on the bilevel split (``train_data`` for w, ``val_data`` for a).
 
-    The weights are trained with SGD (momentum 0.9) at ``learning_rate``; ``trainer_kwargs`` go to NNI's Lightning
+    The weights are trained with SGD (momentum 0.9) at a learning rate annealed per epoch by a cosine from
+    ``learning_rate`` to ``learning_rate_min`` (DARTS' and iDARTS' schedule, :class:`CosineAnnealedLR`; logged as
+    ``lr``); ``learning_rate_min=None`` keeps ``learning_rate`` constant; ``nesterov=True`` uses Nesterov momentum.
+    ``trainer_kwargs`` go to NNI's Lightning
     ``Trainer`` (defaults: CPU, no logger, no checkpoints). ``workdir`` holds NNI's experiment files (default: a
     temporary folder, removed afterwards). ``strategy`` may also be one of NNI's own DARTS-family strategies
     (``DARTS``, ``GumbelDARTS``), so that baselines run through exactly the same evaluator and experiment.
@@ -76,6 +112,9 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         if hasattr(data, '__len__') and len(data) == 0:  # type: ignore[arg-type]
             raise ValueError(f'{name} is empty: the search needs training data for the weights and validation data '
                              'for the architecture.')
+    if learning_rate_min is not None and not 0 <= learning_rate_min <= learning_rate:
+        raise ValueError(f'learning_rate_min must be between 0 and learning_rate ({learning_rate}), or None for a '
+                         f'constant learning rate; got {learning_rate_min}.')
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
     data_seed = seed if seed is not None else int(torch.seed() % 2**31)
@@ -90,13 +129,15 @@ def search(model_space: ModelSpace, train_data: Dataset, val_data: Dataset, stra
         kwargs['callbacks'] = [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
                                                every_n_train_steps=checkpoint_every_n_steps)]
         kwargs['plugins'] = [AtomicCheckpointIO()]
+    if learning_rate_min is not None and learning_rate_min != learning_rate:
+        kwargs['callbacks'] = kwargs.get('callbacks', []) + [CosineAnnealedLR(learning_rate, learning_rate_min, epochs)]
     for key, value in (trainer_kwargs or {}).items():
         kwargs[key] = kwargs.get(key, []) + list(value) if key in ('callbacks', 'plugins') else value
     if resume_from is not None:
         kwargs['callbacks'] = kwargs.get('callbacks', []) + [_ReportableAfterResume()]
     evaluator = Classification(
         train_dataloaders=train_loader, val_dataloaders=val_loader, num_classes=num_classes,
-        learning_rate=learning_rate, weight_decay=weight_decay, optimizer=MomentumSGD, export_onnx=False,
+        learning_rate=learning_rate, weight_decay=weight_decay, optimizer=NesterovSGD if nesterov else MomentumSGD, export_onnx=False,
         max_epochs=epochs, **kwargs)
     if resume_from is not None:
         # NNI's evaluator calls trainer.fit() without ckpt_path; this is Lightning's way to hand it one anyway.

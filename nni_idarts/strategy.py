@@ -8,7 +8,8 @@ import torch.nn as nn
 from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.strategy import DARTS
 
-from .module import HYPERGRADIENTS, IDartsLightningModule
+from .errors import brief
+from .module import HYPERGRADIENTS, IDartsLightningModule, ValidationStream
 
 
 class IDartsStrategy(DARTS):
@@ -34,10 +35,17 @@ class IDartsStrategy(DARTS):
     K
         Number of Neumann terms after the identity (paper: 2). ``K=0`` approximates the inverse Hessian by gamma * I.
     gamma
-        Step size of the Neumann series. ``None`` (the paper's choice) uses the weight optimizer's current learning rate.
+        Step size of the Neumann series. ``None`` (the paper's choice) uses the weight optimizer's current learning
+        rate (which the search anneals); a number fixes it; ``'auto'`` uses ``min(lr, 1 / lambda_max)`` with
+        lambda_max, the largest Hessian eigenvalue, re-estimated along the search by a warm-started power iteration
+        (10 Hessian-vector products at the first architecture step, then 2 every 5 steps).
+    damping
+        Adds ``damping * I`` to the Hessian in the Neumann series (``>= 0``; paper: 0). On an indefinite Hessian the
+        series converges only with ``damping > |lambda_min|`` (and ``gamma * (lambda_max + damping) < 2``).
     inner_steps
-        T, the number of weight steps, each on a fresh training batch, per architecture step (paper: 4 to 5).
-        ``inner_steps=1`` with ``hypergradient='first_order'`` is NNI's DARTS.
+        T, the number of weight steps, each on a fresh training batch, before each architecture step (paper: 4 to
+        5). ``None``: 5 for ``'implicit'`` and ``'first_order'``, 1 for ``'unrolled'`` (DARTS 2nd order alternates
+        one weight step and one architecture step).
     arc_learning_rate
         Learning rate of the architecture optimizer (paper: 3e-4).
     gradient_clip_val
@@ -58,8 +66,8 @@ class IDartsStrategy(DARTS):
         Passed to :class:`~nni.nas.strategy.DARTS` (e.g. ``mutation_hooks``).
     """
 
-    def __init__(self, *, hypergradient: str = 'implicit', K: int = 2, gamma: float | None = None,
-                 inner_steps: int = 5, arc_learning_rate: float = 3.0e-4, gradient_clip_val: float | None = None,
+    def __init__(self, *, hypergradient: str = 'implicit', K: int = 2, gamma: float | str | None = None,
+                 damping: float = 0.0, inner_steps: int | None = None, arc_learning_rate: float = 3.0e-4, gradient_clip_val: float | None = None,
                  log_prob_every_n_step: int = 10, warmup_epochs: int = 0, max_nonfinite_steps: int = 10,
                  report_final_result: bool = True, **kwargs: Any):
         if 'penalty' in kwargs:
@@ -67,12 +75,18 @@ class IDartsStrategy(DARTS):
         if hypergradient not in HYPERGRADIENTS:
             raise ValueError(f'hypergradient must be one of {", ".join(map(repr, HYPERGRADIENTS))}; got {hypergradient!r}.')
         _require_int('K', K, minimum=0)
+        if inner_steps is None:
+            inner_steps = 1 if hypergradient == 'unrolled' else 5
         _require_int('inner_steps', inner_steps, minimum=1)
         _require_int('warmup_epochs', warmup_epochs, minimum=0)
         _require_int('max_nonfinite_steps', max_nonfinite_steps, minimum=1)
         _require_int('log_prob_every_n_step', log_prob_every_n_step, minimum=1)
-        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
-            raise ValueError(f'gamma must be a number > 0 or None (the weight learning rate); got {gamma!r}.')
+        is_number = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if not (gamma is None or gamma == 'auto' or (is_number and 0 < gamma < float('inf'))):
+            raise ValueError("gamma must be a number > 0, None (the weight learning rate) or 'auto' "
+                             f'(min(lr, 1/lambda_max)); got {brief(gamma)}.')
+        if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < float('inf')):
+            raise ValueError(f'damping must be a number >= 0; got {brief(damping)}.')
         if not (isinstance(arc_learning_rate, (int, float)) and arc_learning_rate > 0):
             raise ValueError(f'arc_learning_rate must be a number > 0; got {arc_learning_rate!r}.')
         super().__init__(arc_learning_rate=arc_learning_rate, gradient_clip_val=gradient_clip_val,
@@ -80,6 +94,7 @@ class IDartsStrategy(DARTS):
         self.hypergradient = hypergradient
         self.K = K
         self.gamma = gamma
+        self.damping = float(damping)
         self.inner_steps = inner_steps
         self.max_nonfinite_steps = max_nonfinite_steps
         self.report_final_result = report_final_result
@@ -99,14 +114,19 @@ class IDartsStrategy(DARTS):
             loader = loaders[name]
             if hasattr(loader, '__len__') and len(loader) == 0:
                 raise ValueError(f'The {name} dataloader of the evaluator is empty; iDARTS trains the {purpose} on it.')
-        return loaders
+        # Lightning iterates the training batches (one weight step each); the architecture steps draw their
+        # validation batches from a stream of their own, one per step, so none is loaded and left unused.
+        self._module.validation_stream = ValidationStream(loaders['val'])
+        return {'train': loaders['train']}
 
     def configure_oneshot_module(self, training_module: nn.Module) -> IDartsLightningModule:
-        return IDartsLightningModule(
+        # Kept here as well: NNI builds the loaders (train_dataloader) before `oneshot_module` is available.
+        self._module = IDartsLightningModule(
             training_module,
             hypergradient=self.hypergradient,
             K=self.K,
             gamma=self.gamma,
+            damping=self.damping,
             inner_steps=self.inner_steps,
             arc_learning_rate=self.arc_learning_rate,
             gradient_clip_val=self.gradient_clip_val,
@@ -115,10 +135,11 @@ class IDartsStrategy(DARTS):
             max_nonfinite_steps=self.max_nonfinite_steps,
             report_final_result=self.report_final_result,
         )
+        return self._module
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(hypergradient={self.hypergradient!r}, K={self.K}, gamma={self.gamma}, '
-                f'inner_steps={self.inner_steps}, arc_learning_rate={self.arc_learning_rate})')
+        return (f'{type(self).__name__}(hypergradient={self.hypergradient!r}, K={self.K}, gamma={self.gamma!r}, '
+                f'damping={self.damping}, inner_steps={self.inner_steps}, arc_learning_rate={self.arc_learning_rate})')
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

@@ -32,8 +32,9 @@ def fingerprints(images: torch.Tensor) -> list[int]:
 
 
 class StepRecorder(pl.Callback):
-    """After every training batch: the alphas, the weights, the buffers, which samples the batch held, and the skip
-    counters of :class:`~nni_idarts.IDartsLightningModule`. ``initial`` is the state before the first batch."""
+    """After every training batch: the alphas, the weights, the buffers, which samples the batch held (and the
+    validation batch of its architecture step, if it made one: empty otherwise), and the skip counters of
+    :class:`~nni_idarts.IDartsLightningModule`. ``initial`` is the state before the first batch."""
 
     def __init__(self) -> None:
         self.initial: dict = {}
@@ -51,13 +52,14 @@ class StepRecorder(pl.Callback):
         self.initial = self._state(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        val = pl_module.last_val_batch
         self.steps.append({
             **self._state(pl_module),
             'epoch': trainer.current_epoch,
             'train_samples': fingerprints(batch['train'][0]),
-            'val_samples': fingerprints(batch['val'][0]),
+            'val_samples': fingerprints(val[0]) if val is not None else [],
             'train_nonfinite': not bool(torch.isfinite(batch['train'][0]).all()),
-            'val_nonfinite': not bool(torch.isfinite(batch['val'][0]).all()),
+            'val_nonfinite': val is not None and not bool(torch.isfinite(val[0]).all()),
             'nonfinite_arch_steps': pl_module._nonfinite_total,
             'nonfinite_weight_steps': pl_module._nonfinite_weight_total,
         })

@@ -20,10 +20,11 @@ class Quadratic:
     H = A, d2_{a,w} L_train = -B', grad_a L_val = Ew + c, grad_w L_val = w - t + E'a.
     """
 
-    def __init__(self, n: int = 5, m: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0):
+    def __init__(self, n: int = 5, m: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0,
+                 eigenvalues: tuple[float, float] = (0.5, 2.0)):
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-        eigenvalues = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+        eigenvalues = torch.linspace(*eigenvalues, n, dtype=torch.float64)  # type: ignore[assignment]
         self.A = (q @ torch.diag(eigenvalues) @ q.T).to(dtype)
         self.B = torch.randn(n, m, generator=g, dtype=torch.float64).to(dtype)
         self.E = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
@@ -110,6 +111,81 @@ def test_exact_matches_the_closed_form_and_neumann_converges_to_it(dtype):
               for K in (0, 5, 20, 80)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 1e-4 * got.norm().item()
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('K', [0, 1, 3])
+def test_damped_neumann_matches_the_closed_form(dtype, K):
+    p = Quadratic(dtype=dtype, eigenvalues=(-0.6, 2.0))  # an indefinite H, as on a supernet away from a minimum
+    gamma, damping = 0.5, 0.9
+    w, n = p.w.detach(), len(p.w)
+    step = torch.eye(n, dtype=dtype) - gamma * (p.A + damping * torch.eye(n, dtype=dtype))
+    series = sum(torch.linalg.matrix_power(step, k) for k in range(K + 1))
+    expected = p.grad_a_val(w) + gamma * p.B.T @ series @ p.grad_w_val(w)
+    got = hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=K, gamma=gamma, damping=damping)
+    torch.testing.assert_close(_cat(got), expected, **TOL[dtype])
+
+
+def test_damping_makes_the_series_converge_on_an_indefinite_hessian():
+    """eig(H) in [-0.6, 2]: undamped, the factor 1 + 0.6 gamma > 1 makes the terms grow; with damping 0.9 > 0.6 and
+    gamma (2 + 0.9) = 1.45 < 2 every factor of (I - gamma (H + damping I)) lies in (-0.45, 0.85), and the series
+    converges to the damped closed form ``g_a - M (H + damping I)^-1 v``."""
+    p = Quadratic(eigenvalues=(-0.6, 2.0))
+    gamma, damping = 0.5, 0.9
+    w, n = p.w.detach(), len(p.w)
+    damped = p.grad_a_val(w) + p.B.T @ torch.linalg.solve(p.A + damping * torch.eye(n, dtype=p.A.dtype),
+                                                         p.grad_w_val(w))
+
+    def run(K, d):
+        info: dict = {}
+        got = _cat(hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=K, gamma=gamma, damping=d,
+                              diagnostics=info))
+        return got, info
+
+    errors = [(run(K, damping)[0] - damped).norm().item() for K in (0, 10, 40, 250)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12 * damped.norm().item(), errors
+    assert run(40, damping)[1]['term_growth'] < 1e-2
+    # undamped, the terms grow along the negative-curvature direction (factor 1.3 per term)
+    undamped = [run(K, 0.0)[1]['term_growth'] for K in (10, 40)]
+    assert 1 < undamped[0] < undamped[1], undamped
+    with pytest.raises(ValueError, match='damping must be >= 0'):
+        hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=1, gamma=gamma, damping=-0.1)
+
+
+@pytest.mark.parametrize('K', [0, 3])
+def test_neumann_diagnostics_match_their_closed_forms(K):
+    p = Quadratic()
+    gamma = 0.3
+    w, n = p.w.detach(), len(p.w)
+    step = torch.eye(n, dtype=p.A.dtype) - gamma * p.A
+    v = p.grad_w_val(w)
+    correction = -gamma * p.B.T @ sum(torch.linalg.matrix_power(step, k) for k in range(K + 1)) @ v
+    first = p.grad_a_val(w)
+    result = first - correction
+    info: dict = {}
+    hg.neumann(p.train_loss, p.val_loss, p.weights, p.alphas, K=K, gamma=gamma, diagnostics=info)
+    assert info['correction_ratio'] == pytest.approx((correction.norm() / first.norm()).item(), rel=1e-10)
+    cosine = torch.nn.functional.cosine_similarity(result, first, dim=0).item()
+    assert info['cosine_to_first_order'] == pytest.approx(cosine, rel=1e-10)
+    growth = (torch.linalg.matrix_power(step, K) @ v).norm() / v.norm()
+    assert info['term_growth'] == pytest.approx(growth.item(), rel=1e-10)
+    assert (info['term_growth'] < 1) == (K > 0)  # eig(H) in [0.5, 2], gamma 0.3: every term shrinks
+
+
+def test_power_iteration_warm_start_continues_where_it_stopped():
+    p = Quadratic(eigenvalues=(-0.6, 2.0))  # dominant eigenvalue 2.0
+    start = hg.random_vector(p.weights, seed=3)
+    at_once, _ = hg.power_iteration(p.train_loss, p.weights, start, iters=12)
+    estimate, vector = hg.power_iteration(p.train_loss, p.weights, start, iters=5)
+    resumed, _ = hg.power_iteration(p.train_loss, p.weights, vector, iters=7)
+    assert resumed == pytest.approx(at_once, rel=1e-12)
+    assert abs(resumed - 2.0) < abs(estimate - 2.0)
+    converged, _ = hg.power_iteration(p.train_loss, p.weights, vector, iters=200)
+    assert converged == pytest.approx(2.0, rel=1e-8)
+    assert [v.shape for v in vector] == [w.shape for w in p.weights]
+    assert hg.auto_gamma(0.1, converged) == pytest.approx(0.1)            # lr already below 1 / lambda_max
+    assert hg.auto_gamma(0.9, converged) == pytest.approx(0.5)            # capped at 1 / lambda_max
+    assert hg.auto_gamma(0.9, -4.0) == pytest.approx(0.25)                # a dominant negative eigenvalue counts too
 
 
 def test_exact_at_the_inner_solution_is_the_total_derivative():

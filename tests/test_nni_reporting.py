@@ -24,12 +24,14 @@ def _search(strategy, epochs, trainer_kwargs=None):
                   trainer_kwargs={'enable_progress_bar': False, **(trainer_kwargs or {})})
 
 
-def _logged_epoch_means(metrics_csv, name):
-    """Per epoch, the mean of the step values Lightning's CSV logger wrote for ``name`` (independent of the module)."""
+def _logged_epoch_means(metrics_csv, name, every=1):
+    """Per epoch, the mean of the step values Lightning's CSV logger wrote for ``name`` (independent of the module),
+    at the steps ``s`` with ``(s + 1) % every == 0``: Lightning repeats a step metric in the rows of the following
+    steps until it is logged again, so a metric of the architecture steps is fresh only after every T-th batch."""
     values = {}
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
-            if row.get(name):
+            if row.get(name) and (int(row['step']) + 1) % every == 0:
                 values.setdefault(int(row['epoch']), []).append(float(row[name]))
     return {epoch: sum(v) / len(v) for epoch, v in values.items()}
 
@@ -48,7 +50,7 @@ def test_search_in_a_trial_reports_epoch_means_and_one_final_result(monkeypatch,
     # Epoch 0 is warm-up (no architecture step, no validation metric): nothing to report. Then one per epoch.
     assert [m['sequence'] for m in periodical] == [0, 1]
     assert all(m['parameter_id'] == channel.parameter_id for m in channel.sent)
-    expected = _logged_epoch_means(f'{logger.log_dir}/metrics.csv', 'val_acc')
+    expected = _logged_epoch_means(f'{logger.log_dir}/metrics.csv', 'val_acc', every=strategy.inner_steps)
     assert sorted(expected) == [1, 2]
     for message, epoch in zip(periodical, [1, 2]):
         value = message['value']
