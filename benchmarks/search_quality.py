@@ -68,11 +68,11 @@ SHARED: dict[str, Any] = {
 #: long enough for DARTS's drift to parameter-free ops to show; ``short`` is the same for a fifth of the epochs.
 #: The supernet has the width and depth the ground truth was trained at. The weight lr is cosine-annealed to
 #: ``learning_rate_min`` where :func:`nni_idarts.search.search` can (else constant: recorded as None).
-_DEEP_PAPER: dict[str, Any] = {**SHARED, 'space': 'digits_deep', 'epochs': 20, 'arc_learning_rate': 3e-4,
+_DEEP_PAPER: dict[str, Any] = {**SHARED, 'space': 'digits_deep', 'epochs': 16, 'arc_learning_rate': 3e-4,
                                'channels': 16, 'num_cells': 1}
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     'digits': {'legacy': SHARED},
-    'digits_deep': {'paper': _DEEP_PAPER, 'short': {**_DEEP_PAPER, 'epochs': 5}},
+    'digits_deep': {'paper': _DEEP_PAPER, 'short': {**_DEEP_PAPER, 'epochs': 4}},
 }
 QUICK: dict[str, Any] = {**SHARED, 'epochs': 1, 'channels': 4, 'num_cells': 1}
 
@@ -126,13 +126,18 @@ def effective_config(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config)
 
 
+#: The files of ``nni_idarts`` that decide what a search does.
+SEARCH_MODULES = ('hypergradient', 'module', 'strategy', 'search', 'checkpoint')
+
+
 def code_version(space: str) -> str:
-    """A hash of what a search runs: every module of ``nni_idarts``, the space's modules, the libraries."""
+    """A hash of what a search runs: the modules of ``nni_idarts`` a search executes, the space's modules and the
+    libraries (not the CLI, config or trial modules, which a benchmark search does not go through)."""
     import nni
     import pytorch_lightning
     import torch
     package = Path(importlib.import_module('nni_idarts').__file__).parent
-    parts = [f.read_text() for f in sorted(package.glob('*.py'))]
+    parts = [(package / f'{name}.py').read_text() for name in SEARCH_MODULES]
     parts += [inspect.getsource(importlib.import_module(name)) for name in SPACE_MODULES[space]]
     parts += [torch.__version__, nni.__version__, pytorch_lightning.__version__]
     return hashlib.sha1('\0'.join(parts).encode()).hexdigest()[:12]
