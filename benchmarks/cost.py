@@ -53,6 +53,8 @@ REFERENCE = 'nni_darts'
 #: refuses (``search_quality.unavailable_reason``) are left out and listed.
 COST_MODES = ('nni_darts', 'nni_gumbel_darts', 'first_order', 'unrolled', 'idarts_K1', 'idarts_K2', 'idarts_K5',
               'idarts_K2_auto', 'idarts_K2_damp')
+#: ``--quick`` times these only (the reference, the cheapest and the most expensive architecture step).
+QUICK_MODES = ('nni_darts', 'first_order', 'idarts_K5')
 #: The two spaces timed. ``samples``: random images per split (nasbench201 only).
 COST_SPACES: dict[str, dict[str, Any]] = {
     'digits_deep': {**SETTINGS['digits_deep']['paper'], 'epochs': 3},
@@ -424,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mode, reason in unavailable.items():
             print(f'warning: {mode} is not timed: the installed strategy refuses it ({reason})', file=sys.stderr)
         result['cost'] = measure_costs(1 if args.quick else args.rounds, args.quick,
-                                       modes=[m for m in COST_MODES if m not in unavailable])
+                                       modes=[m for m in (QUICK_MODES if args.quick else COST_MODES)
+                                              if m not in unavailable])
         result['cost']['unavailable'] = unavailable
     if not args.skip_fidelity:
         result['fidelity'] = run_fidelity(args)
