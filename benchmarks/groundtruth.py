@@ -267,6 +267,34 @@ class GroundTruth:
         return 100.0 * sum(r['test_acc_mean'] > acc for r in self.rows) / len(self.rows)
 
 
+def describe(truth: GroundTruth, top: int = 10) -> str:
+    """The table in numbers: best/median/worst, seed noise against the spread, the top architectures, and the
+    ground-truth marginal of each op on each edge (what a search's per-edge ranking is compared with)."""
+    from search_spaces import PARAMETER_FREE_OPS
+    rows = truth.rows
+    means = sorted(r['test_acc_mean'] for r in rows)
+    q1, q3 = means[len(means) // 4], means[(3 * len(means)) // 4]
+    stds = [r['test_acc_std'] for r in rows]
+    lines = [f'{len(rows)} architectures x {len(rows[0]["seeds"])} seeds; test accuracy best '
+             f'{100 * means[-1]:.2f}%, median {100 * statistics.median(means):.2f}%, worst {100 * means[0]:.2f}%; '
+             f'interquartile range {100 * q1:.2f}-{100 * q3:.2f}%; seed std (population, per architecture): median '
+             f'{100 * statistics.median(stds):.2f} points, 90th percentile {100 * sorted(stds)[int(0.9 * len(stds))]:.2f};'
+             f' mean CPU s per training {statistics.fmean(r["train_cpu_seconds"] for r in rows):.2f}.', '',
+             '| rank | architecture | test acc % (mean ± std) | val acc % | parameter-free edges | params |',
+             '|---|---|---|---|---|---|']
+    for r in rows[:top]:
+        free = sum(op in PARAMETER_FREE_OPS for op in r['arch'].values())
+        lines.append(f'| {r["test_rank"]} | {r["key"].replace("|", chr(92) + "|")} | {100 * r["test_acc_mean"]:.2f} ± '
+                     f'{100 * r["test_acc_std"]:.2f} | {100 * r["val_acc_mean"]:.2f} | {free}/{len(r["arch"])} '
+                     f'| {r["num_parameters"]} |')
+    marginals = truth.op_marginals()
+    ops = sorted({op for by_op in marginals.values() for op in by_op})
+    lines += ['', '| edge | ' + ' | '.join(ops) + ' |', '|---|' + '---|' * len(ops)]
+    for label in sorted(marginals):
+        lines.append(f'| {label} | ' + ' | '.join(f'{100 * marginals[label][op]:.1f}' for op in ops) + ' |')
+    return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true',
@@ -284,9 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error('--quick needs --out, so that it never overwrites the committed table')
     quiet()
     table = build(out, recipe, workers=args.workers, stride=QUICK_STRIDE if args.quick else 1)
-    rows = table['architectures']
-    print(f'wrote {out}: {len(rows)} architectures; best test acc {rows[0]["test_acc_mean"]:.4f} ({rows[0]["key"]}), '
-          f'median {statistics.median(r["test_acc_mean"] for r in rows):.4f}, worst {rows[-1]["test_acc_mean"]:.4f}')
+    print(describe(GroundTruth(table)))
+    print(f'wrote {out}')
     return 0
 
 
