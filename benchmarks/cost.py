@@ -9,9 +9,9 @@ width (:class:`~search_spaces.NasBench201Space`, 8 channels, 1 cell per stage) o
 (space, mode) measurement runs through :func:`nni_idarts.search.search` in a fresh subprocess with one torch
 thread, so its peak memory is its own; all (space, mode) pairs are interleaved round by round in a rotated order
 (A/B/A/B), so a change of the machine's load hits all of them alike, and the 1-minute load average is recorded
-before each. A Lightning callback measures, per batch, the architecture step (from the step's first
-``resample()`` to the weight step's ``resample()``, which brackets the architecture step in NNI's DARTS and in
-IDartsStrategy alike) and the weight step, and the time per epoch (the first epoch, which includes warm-up
+before each. A Lightning callback measures, per batch, the architecture step (NNI's DARTS: from the step's
+first ``resample()`` to the weight step's; IDartsStrategy, whose loop is T weight steps and then an architecture
+step: its ``architecture_step`` call) and the weight step, and the time per epoch (the first epoch, which includes warm-up
 allocations, is dropped). Times are CPU seconds of the (single-threaded) process, which the load of other
 processes inflates less than wall time; wall-clock seconds are recorded beside them. Peak memory is the growth of
 the peak RSS (``ru_maxrss``) over the RSS just before the search starts. Ratios are to ``nni_darts`` of the same
@@ -79,6 +79,7 @@ class _StepTimer:
 
     def __init__(self):
         import pytorch_lightning as pl
+        from nni_idarts.module import IDartsLightningModule
 
         timer = self
 
@@ -91,6 +92,20 @@ class _StepTimer:
                     return original(*args, **kwargs)
 
                 pl_module.resample = resample
+                if isinstance(pl_module, IDartsLightningModule):
+                    # IDartsStrategy's loop is weight step, then (every T-th batch) architecture_step(), which calls
+                    # resample() itself: time that method directly, and the weight step up to it.
+                    step = pl_module.architecture_step
+
+                    def architecture_step(*args, **kwargs):
+                        timer.arch_start = (time.process_time(), time.perf_counter())
+                        try:
+                            return step(*args, **kwargs)
+                        finally:
+                            timer.arch_end = (time.process_time(), time.perf_counter())
+
+                    pl_module.architecture_step = architecture_step
+                    timer.idarts = True
 
             def on_train_epoch_start(self, trainer, pl_module):
                 timer.epoch_start = (time.process_time(), time.perf_counter())
@@ -100,16 +115,30 @@ class _StepTimer:
                 timer.epochs.append((cpu - timer.epoch_start[0], wall - timer.epoch_start[1]))
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                timer.marks = []
+                timer.marks, timer.arch_start, timer.arch_end = [], None, None
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 end = (time.process_time(), time.perf_counter())
-                if len(timer.marks) == 2:   # resample() before the architecture step, then before the weight step
-                    timer.arch_steps.append(tuple(b - a for a, b in zip(timer.marks[0], timer.marks[1])))
+
+                def span(a, b):
+                    return tuple(y - x for x, y in zip(a, b))
+
+                if timer.idarts:
+                    if timer.marks:
+                        timer.weight_steps.append(span(timer.marks[0], timer.arch_start or end))
+                    if timer.arch_start is not None:
+                        timer.arch_steps.append(span(timer.arch_start, timer.arch_end))
+                    return
+                # NNI's DARTS: resample() before the architecture step, then before the weight step.
+                if len(timer.marks) == 2:
+                    timer.arch_steps.append(span(timer.marks[0], timer.marks[1]))
                 if timer.marks:
-                    timer.weight_steps.append(tuple(b - a for a, b in zip(timer.marks[-1], end)))
+                    timer.weight_steps.append(span(timer.marks[-1], end))
 
         self.callback = Callback()
+        self.idarts = False
+        self.arch_start: tuple[float, float] | None = None
+        self.arch_end: tuple[float, float] | None = None
         self.marks: list[tuple[float, float]] = []
         self.epoch_start = (0.0, 0.0)
         self.epochs: list[tuple[float, float]] = []
