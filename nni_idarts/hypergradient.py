@@ -250,10 +250,14 @@ def power_iteration(train_loss: Loss, weights: Tensors, vector: Tensors, *, iter
                     reduce: Reduce = _identity) -> tuple[float, tuple[torch.Tensor, ...]]:
     """``iters`` steps of the power iteration on ``H = d2_w L_train`` from ``vector``: ``(estimate, next vector)``.
 
-    The estimate is the Rayleigh quotient ``u . H u`` of the last unit vector u, which tends to the eigenvalue of
-    largest magnitude (a strongly negative one shows H is far from a minimum). The returned vector is the last
-    ``H u``: pass it back as ``vector`` to continue (a warm start), e.g. one or two steps per architecture step while
-    the weights move. One forward pass and ``iters`` Hessian-vector products; the weights are not changed.
+    The estimate is ``|H u|`` for the last unit vector u, with the sign of ``u . H u``: it tends to the eigenvalue of
+    largest magnitude, and its magnitude never exceeds ``max |lambda|`` (so ``gamma * |estimate| <= c`` is a bound on
+    ``gamma * |lambda|`` in the limit). The norm, not the Rayleigh quotient, because on an indefinite H whose extreme
+    eigenvalues have similar magnitudes (a supernet away from a minimum) the vector mixes both eigenvectors and the
+    Rayleigh quotient cancels towards 0, while ``|H u|`` stays ``max |lambda|``. A strongly negative estimate shows
+    H is far from a minimum. The returned vector is the last ``H u``: pass it back as ``vector`` to continue (a
+    warm start), e.g. a few steps per architecture step while the weights move. One forward pass and ``iters``
+    Hessian-vector products; the weights are not changed.
     """
     if not weights:
         raise ValueError('No weights were given: there is no Hessian to estimate.')
@@ -268,7 +272,8 @@ def power_iteration(train_loss: Loss, weights: Tensors, vector: Tensors, *, iter
             raise ValueError('The power iteration reached a zero vector (H u = 0): restart it from a random vector.')
         current = [v / norm for v in current]
         product = reduce(_vjp(train_grads, weights, current))
-        estimate = float(_dot(current, product))  # Rayleigh quotient of the unit vector
+        rayleigh = float(_dot(current, product))
+        estimate = math.copysign(float(torch.sqrt(_dot(product, product))), rayleigh)
         current = [p.detach() for p in product]
     return estimate, tuple(current)
 
@@ -284,7 +289,8 @@ def largest_eigenvalue(train_loss: Loss, weights: Tensors, *, iters: int = 30, s
     """Estimate ``lambda_max(d2_w L_train)`` by :func:`power_iteration` from a random vector, to choose ``gamma``.
 
     :func:`neumann` converges only when ``0 < gamma < 2 / lambda_max`` (and H is positive definite). One forward
-    pass and ``iters`` backward passes; the result is the eigenvalue of largest magnitude. The weights are not changed.
+    pass and ``iters`` backward passes; the result is the eigenvalue of largest magnitude (see
+    :func:`power_iteration`). The weights are not changed.
     """
     if not weights:
         raise ValueError('No weights were given: there is no Hessian to estimate.')

@@ -166,6 +166,7 @@ class IDartsLightningModule(DartsLightningModule):
         self._lambda_max: float | None = None  # gamma='auto': the latest estimate of lambda_max(H)
         self._power_vector: tuple[torch.Tensor, ...] | None = None  # and its warm start
         self._warned_series = False
+        self.last_diagnostics: dict[str, float] = {}  # what the last architecture step logged besides its norm
         self._nonfinite_in_a_row = 0          # architecture steps
         self._nonfinite_total = 0
         self._nonfinite_weight_in_a_row = 0   # weight steps
@@ -398,20 +399,7 @@ class IDartsLightningModule(DartsLightningModule):
         """
         alphas = self.arch_parameters()
         weights = self.weight_parameters()
-        seen = losses if losses is not None else []
-
-        def train_loss() -> torch.Tensor:
-            with self._redirect_logging(None):
-                loss = self._loss(train_batch, 2 * batch_idx) + self._l2_penalty()
-            seen.append(loss.detach())
-            return loss
-
-        def val_loss() -> torch.Tensor:
-            # Called exactly once per hypergradient, so its metrics are logged as validation metrics.
-            with self._redirect_logging(_as_validation_key):
-                loss = self._loss(val_batch, 2 * batch_idx)
-            seen.append(loss.detach())
-            return loss
+        train_loss, val_loss = self.loss_closures(train_batch, val_batch, batch_idx, losses)
 
         reduce = self._mean_over_ranks
         if self.hypergradient == 'first_order':
@@ -428,6 +416,29 @@ class IDartsLightningModule(DartsLightningModule):
             if self._lambda_max is not None:
                 diagnostics['lambda_max'] = self._lambda_max
         return grads
+
+    def loss_closures(self, train_batch: Any, val_batch: Any, batch_idx: int = 0,
+                      losses: list[torch.Tensor] | None = None) -> tuple[hypergradient.Loss, hypergradient.Loss]:
+        """``(train_loss, val_loss)`` as :mod:`nni_idarts.hypergradient` takes them: the evaluator's loss on
+        ``train_batch`` plus the weight optimizer's L2 weight decay, and its loss on ``val_batch`` (logged as the
+        validation metrics). Each value computed is appended to ``losses`` if given. Each call is a forward pass in
+        training mode, so it also updates BatchNorm running statistics (which the training-mode losses never read)."""
+        seen = losses if losses is not None else []
+
+        def train_loss() -> torch.Tensor:
+            with self._redirect_logging(None):
+                loss = self._loss(train_batch, 2 * batch_idx) + self._l2_penalty()
+            seen.append(loss.detach())
+            return loss
+
+        def val_loss() -> torch.Tensor:
+            # Called exactly once per hypergradient, so its metrics are logged as validation metrics.
+            with self._redirect_logging(_as_validation_key):
+                loss = self._loss(val_batch, 2 * batch_idx)
+            seen.append(loss.detach())
+            return loss
+
+        return train_loss, val_loss
 
     def _neumann_gamma(self, train_loss: hypergradient.Loss, weights: list[nn.Parameter]) -> float:
         """gamma for this step: the option's number, the current weight lr (None) or, for 'auto',
@@ -476,6 +487,7 @@ class IDartsLightningModule(DartsLightningModule):
             alpha.grad = grad.detach().to(alpha.dtype)
         arc_optim.step()
         self.log('hypergradient_norm', norm.float())
+        self.last_diagnostics = diagnostics
         for key, value in diagnostics.items():
             self.log(key, float(value))
         self._warn_if_series_grows(diagnostics)

@@ -176,10 +176,12 @@ def test_cost_quick_measures_both_spaces_and_fidelity(tmp_path):
         assert table['idarts_K5']['arch_step_cpu_ms'] > table['first_order']['arch_step_cpu_ms'], space
     assert out.with_suffix('.png').stat().st_size > 1000
     fidelity = result['fidelity']
-    for curve in fidelity['neumann'].values():
-        assert curve['dense_check_max_abs_diff'] < 1e-6                  # neumann() agrees with the dense series
+    curve = fidelity['neumann']['1/lambda_max']
+    # gamma comes from the dense Hessian's spectrum, and neumann() agrees with the dense series term for term. (No
+    # claim that more terms help: on the full-size problem the cosine to exact falls from K = 0 to K = 50.)
+    assert curve['gamma'] == pytest.approx(1 / fidelity['hessian_eigenvalues']['max'], rel=1e-12)
+    for each in fidelity['neumann'].values():
+        assert each['dense_check_max_abs_diff'] < 1e-6
     # With gamma = 1/lambda_max every factor |1 - gamma * lambda| is <= 1 (up to the tiny negative curvature), so
     # the series stays finite over thousands of terms; a wrong Hessian-vector product would blow it up.
-    curve = fidelity['neumann']['1/lambda_max']
-    assert curve['gamma'] * fidelity['hessian_eigenvalues']['max'] == pytest.approx(1.0)
     assert all(math.isfinite(c) for c in [*curve['cosine_by_K'], *curve['cosine_at_K'].values()])

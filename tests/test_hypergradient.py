@@ -342,3 +342,68 @@ def test_largest_eigenvalue_finds_lambda_max_for_choosing_gamma(dtype):
     assert (bad - exact).norm() > exact.norm()
     with pytest.raises(ValueError, match='iters'):
         hg.largest_eigenvalue(p.train_loss, p.weights, iters=0)
+
+
+class BatchNormSupernet(torch.nn.Module):
+    """conv -> BatchNorm (training mode: batch statistics) -> a softmax(alpha)-weighted mix of two ops -> linear."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.op_a = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 4 * 4, 4)
+        self.alpha = torch.nn.Parameter(torch.randn(2) * 0.5)
+        self.double().train()
+        self.x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+        self.y = torch.arange(8) % 4
+
+    def weights(self) -> list[torch.Tensor]:
+        return [p for n, p in self.named_parameters() if n != 'alpha']
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        mix = torch.softmax(self.alpha, 0)
+        h = mix[0] * torch.tanh(self.op_a(h)) + mix[1] * h
+        return self.head(h.flatten(1))
+
+    def train_loss(self) -> torch.Tensor:
+        l2 = sum((w * w).sum() for w in self.weights())
+        return torch.nn.functional.cross_entropy(self(self.x), self.y) + 0.5 * 1e-2 * l2
+
+
+def test_hessian_and_mixed_products_match_finite_differences_through_batchnorm():
+    """H.u (the power iteration's product) and M.u (neumann with K=0 and L_val = <u, w>: v = u, g_a = 0, so the
+    result is -gamma M u) against central differences of grad_w L_train and grad_a L_train along u."""
+    net = BatchNormSupernet()
+    weights = net.weights()
+    u = hg.random_vector(weights, seed=5)
+    u_norm = torch.sqrt(sum((t * t).sum() for t in u))
+
+    def grads_at(step: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            for w, d in zip(weights, u):
+                w.add_(d, alpha=step)
+        try:
+            g = torch.autograd.grad(net.train_loss(), [*weights, net.alpha])
+        finally:
+            with torch.no_grad():
+                for w, d in zip(weights, u):
+                    w.sub_(d, alpha=step)
+        return _cat(g[:-1]), g[-1]
+
+    eps = 1e-5
+    (gw_plus, ga_plus), (gw_minus, ga_minus) = grads_at(eps), grads_at(-eps)
+    hu_finite, mu_finite = (gw_plus - gw_minus) / (2 * eps), (ga_plus - ga_minus) / (2 * eps)
+
+    _, product = hg.power_iteration(net.train_loss, weights, u, iters=1)  # H (u / |u|)
+    torch.testing.assert_close(_cat(product) * u_norm, hu_finite, rtol=1e-6, atol=1e-8)
+
+    def val_loss() -> torch.Tensor:
+        return sum((w * d).sum() for w, d in zip(weights, u))
+
+    gamma = 0.3
+    (got,) = hg.neumann(net.train_loss, val_loss, weights, [net.alpha], K=0, gamma=gamma)
+    torch.testing.assert_close(-got / gamma, mu_finite, rtol=1e-6, atol=1e-8)
+    assert mu_finite.abs().max() > 1e-3 and hu_finite.abs().max() > 1e-2  # the products are not trivially zero
