@@ -188,14 +188,21 @@ def _summarise(runs: list[dict[str, Any]], archs: list[dict[str, Any]], recipe: 
     return table
 
 
-def build(out: Path, recipe: Recipe, workers: int = 2, stride: int = 1) -> dict[str, Any]:
+def build(out: Path, recipe: Recipe, workers: int = 2, stride: int = 1,
+          shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
+    """Train what ``<out>.runs.jsonl`` lacks and write the table ``out``; None if trainings are still missing.
+
+    ``shard=(i, n)``: train only every n-th missing training from the i-th on, so that n independent processes
+    (each appending to the same runs file) share the work; the one that finds all rows present writes the table.
+    """
     archs = architectures(make_space(recipe.channels, recipe.num_cells, recipe.space))[::stride]
     runs_path = out.with_suffix('.runs.jsonl')
     runs = _read_runs(runs_path, recipe)
     done = {(r['key'], r['seed']) for r in runs}
     todo = [(arch, seed) for seed in recipe.seeds for arch in archs if (arch_key(arch), seed) not in done]
+    todo = todo[shard[0]::shard[1]]
     print(f'{len(archs)} architectures x {len(recipe.seeds)} seeds; {len(done)} trainings already done, '
-          f'{len(todo)} to go ({workers} worker processes)', flush=True)
+          f'{len(todo)} to go ({workers} worker processes, shard {shard[0]} of {shard[1]})', flush=True)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with runs_path.open('a') as log:
@@ -214,6 +221,11 @@ def build(out: Path, recipe: Recipe, workers: int = 2, stride: int = 1) -> dict[
                 futures = [pool.submit(train_one, arch, seed, recipe) for arch, seed in todo]
                 for i, future in enumerate(as_completed(futures), start=1):
                     record(i, future.result())
+    runs = _read_runs(runs_path, recipe)   # with the rows other shards appended meanwhile
+    missing = {(arch_key(a), s) for s in recipe.seeds for a in archs} - {(r['key'], r['seed']) for r in runs}
+    if missing:
+        print(f'{len(missing)} trainings are still missing (other shards?): the table is not written.', flush=True)
+        return None
     table = {
         'command': command_line(), 'commit': git_commit(), 'recipe': asdict(recipe),
         'recipe_fingerprint': recipe.fingerprint(), 'code_version': code_version(recipe.space),
@@ -303,15 +315,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--out', type=Path, default=None,
                         help=f'table to write (default: {DEFAULT_TABLE} or data/groundtruth_<space>.json)')
     parser.add_argument('--workers', type=int, default=2, help='training processes (default 2; 1 trains in this one)')
+    parser.add_argument('--shard', default='0/1', help='I/N: train every N-th missing training from the I-th '
+                        '(N independent processes share one runs file; default 0/1: all)')
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error('--workers must be >= 1')
+    try:
+        shard = tuple(int(x) for x in args.shard.split('/'))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f'--shard must be I/N with 0 <= I < N, got {args.shard!r}')
     recipe = replace(QUICK_RECIPE, space=args.space) if args.quick else RECIPES[args.space]
     out = args.out or default_table(args.space)
     if args.quick and args.out is None:
         parser.error('--quick needs --out, so that it never overwrites the committed table')
     quiet()
-    table = build(out, recipe, workers=args.workers, stride=QUICK_STRIDE if args.quick else 1)
+    table = build(out, recipe, workers=args.workers, stride=QUICK_STRIDE if args.quick else 1, shard=shard)
+    if table is None:
+        return 3
     print(describe(GroundTruth(table)))
     print(f'wrote {out}')
     return 0
