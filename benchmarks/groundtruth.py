@@ -303,7 +303,8 @@ def describe(truth: GroundTruth, top: int = 10) -> str:
     ops = sorted({op for by_op in marginals.values() for op in by_op})
     lines += ['', '| edge | ' + ' | '.join(ops) + ' |', '|---|' + '---|' * len(ops)]
     for label in sorted(marginals):
-        lines.append(f'| {label} | ' + ' | '.join(f'{100 * marginals[label][op]:.1f}' for op in ops) + ' |')
+        lines.append(f'| {label} | ' + ' | '.join(f'{100 * marginals[label][op]:.1f}' if op in marginals[label]
+                                                  else '–' for op in ops) + ' |')   # '–': a partial table
     return '\n'.join(lines)
 
 
