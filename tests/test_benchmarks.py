@@ -81,6 +81,25 @@ def test_committed_groundtruth_table_is_complete_and_plausible():
     assert truth.regret(truth.rows[0]['arch']) == 0 and truth.percentile(truth.rows[0]['arch']) == 0
 
 
+def test_committed_digits_deep_table_is_complete_and_ranks():
+    truth = GroundTruth.load(space='digits_deep')
+    assert {r['key'] for r in truth.rows} == {arch_key(a) for a in architectures(make_space(space='digits_deep'))}
+    assert all(r['seeds'] == [0, 1] for r in truth.rows)
+    dead = [r for r in truth.rows if _deep_dead(r['arch'])]
+    live = [r for r in truth.rows if not _deep_dead(r['arch'])]
+    assert len(dead) == 61   # shortcut 'none' and a 'none' on the chain: 5^3 - 4^3 chains
+    for i in range(2):       # a zero cell output: every dead architecture predicts the same constant per seed
+        assert len({round(r['test_acc'][i], 9) for r in dead}) == 1
+    assert max(r['test_acc_mean'] for r in dead) < 0.2 < 0.9 < max(r['test_acc_mean'] for r in live)
+    # The ranking means something: the seed noise is small next to the spread, and val (what a search sees)
+    # predicts test (what is reported).
+    means = sorted(r['test_acc_mean'] for r in live)
+    spread = means[(3 * len(means)) // 4] - means[len(means) // 4]
+    assert sorted(r['test_acc_std'] for r in live)[len(live) // 2] < 0.1 * spread
+    from scipy.stats import spearmanr
+    assert spearmanr([r['val_acc_mean'] for r in live], [r['test_acc_mean'] for r in live]).statistic > 0.9
+
+
 def test_groundtruth_quick_trains_resumes_and_counts_parameters(tmp_path, capsys):
     out = tmp_path / 'gt.json'
     assert groundtruth.main(['--quick', '--out', str(out)]) == 0
