@@ -275,7 +275,8 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         lines.append(f'| {name} | {100 * r["regret_mean"]:.2f} ± {100 * r["regret_std"]:.2f} '
                      f'[{100 * lo:.2f}, {100 * hi:.2f}] | {r["percentile_mean"]:.1f} | {r["top10_share"]:.0%} '
                      f'| {r["parameter_free_share_mean"]:.2f} | {tau} '
-                     f'| {r["distinct_archs"]}/{len(r["seeds"])} ({r["most_found_count"]}x {r["most_found"]}) '
+                     f'| {r["distinct_archs"]}/{len(r["seeds"])} ({r["most_found_count"]}x '
+                     f'{r["most_found"].replace("|", chr(92) + "|")}) '
                      f'| {r["cpu_seconds_mean"]:.1f} |')
     return '\n'.join(lines)
 
