@@ -62,7 +62,7 @@ from benchmarks.groundtruth import SPACE_MODULES, GroundTruth, arch_key, archite
 SHARED: dict[str, Any] = {
     'space': 'digits', 'epochs': 15, 'batch_size': 64, 'learning_rate': 0.025, 'learning_rate_min': 0.001,
     'weight_decay': 3e-4, 'arc_learning_rate': 3e-2, 'inner_steps': 5, 'damping': 1.0, 'channels': 16,
-    'num_cells': 2,
+    'num_cells': 2, 'supernet_seeded': True,
 }
 #: The settings of each space. ``paper`` is the headline: the paper's arc lr (3e-4, Adam as in DARTS), the paper's
 #: loop and schedule; ``short`` is the same for a quarter of the epochs. Sized to the CPU this benchmark had (2
@@ -150,11 +150,16 @@ def run_search(method: str, seed: int, config: dict[str, Any]) -> dict[str, Any]
     """One search; returns the exported architecture, the final op probabilities and the CPU time."""
     import nni_idarts.search as search_module
     from nni_idarts.data import digits_splits
+    import pytorch_lightning as pl
     quiet()
     splits = digits_splits(SPLIT_SEED)
     strategy = make_strategy(method, config)
     extra = {} if config.get('learning_rate_min') is None else {'learning_rate_min': config['learning_rate_min']}
     start, start_cpu = time.perf_counter(), time.process_time()
+    if config.get('supernet_seeded'):
+        # search() seeds only after the space exists: without this the supernet's initial weights would come from
+        # whatever state the previous search left in the generator (the CLI seeds before building, too).
+        pl.seed_everything(seed, workers=True, verbose=False)
     result = search_module.search(
         make_space(config['channels'], config['num_cells'], config['space']), splits.train, splits.val, strategy,
         epochs=config['epochs'], batch_size=config['batch_size'], learning_rate=config['learning_rate'],

@@ -204,3 +204,12 @@ def test_cost_quick_measures_both_spaces_and_fidelity(tmp_path):
     # With gamma = 1/lambda_max every factor |1 - gamma * lambda| is <= 1 (up to the tiny negative curvature), so
     # the series stays finite over thousands of terms; a wrong Hessian-vector product would blow it up.
     assert all(math.isfinite(c) for c in [*curve['cosine_by_K'], *curve['cosine_at_K'].values()])
+
+
+def test_search_seed_fixes_the_supernet_weights():
+    """The same method and seed twice in one process give the same alphas: the supernet is built after seeding,
+    not from whatever generator state the previous search left."""
+    config = {**search_quality.QUICK, 'arc_learning_rate': 3e-4}
+    first = search_quality.run_search('first_order', 3, config)['probs']
+    search_quality.run_search('nni_darts', 5, config)   # moves the generators on
+    assert search_quality.run_search('first_order', 3, config)['probs'] == first
