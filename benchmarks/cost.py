@@ -3,15 +3,19 @@
     python -m benchmarks.cost                                  # 3 interleaved rounds + fidelity (~10 min)
     python -m benchmarks.cost --quick --out /tmp/cost.json     # smoke run (~1 min)
 
-Cost. Every mode searches the digits cell space (``search_quality.SHARED``: 16 channels, 2 cells, batch 64) through
-:func:`nni_idarts.search.search`, each run in a fresh subprocess so its peak memory is its own; the modes are
-interleaved round by round (in a rotated order), so a change of the machine's load hits all of them alike.
-A Lightning callback measures, per batch, the architecture step and the weight step, bracketed by the module's
-``resample()`` calls (one before each step) and the batch end: NNI's DARTS takes the architecture step first,
-IDartsStrategy (the paper's loop) the weight step first, and the time per epoch (the first epoch, which includes warm-up allocations, is dropped).
-Times are CPU seconds of the (single-threaded) process, which the load of other processes does not inflate;
-wall-clock seconds are recorded too. Peak memory is the growth of the peak RSS (``ru_maxrss``) over the RSS just
-before the search starts. Ratios are to ``nni_darts``.
+Cost. Every mode searches two spaces (:data:`COST_SPACES`): ``digits_deep`` (the search-quality supernet,
+``search_quality.SETTINGS['digits_deep']['paper']``, on sklearn's digits) and NNI's NAS-Bench-201 space at a small
+width (:class:`~search_spaces.NasBench201Space`, 8 channels, 1 cell per stage) on random 32x32 images. Each
+(space, mode) measurement runs through :func:`nni_idarts.search.search` in a fresh subprocess with one torch
+thread, so its peak memory is its own; all (space, mode) pairs are interleaved round by round in a rotated order
+(A/B/A/B), so a change of the machine's load hits all of them alike, and the 1-minute load average is recorded
+before each. A Lightning callback measures, per batch, the architecture step (NNI's DARTS: from the step's
+first ``resample()`` to the weight step's; IDartsStrategy, whose loop is T weight steps and then an architecture
+step: its ``architecture_step`` call) and the weight step, and the time per epoch (the first epoch, which includes warm-up
+allocations, is dropped). Times are CPU seconds of the (single-threaded) process, which the load of other
+processes inflates less than wall time; wall-clock seconds are recorded beside them. Peak memory is the growth of
+the peak RSS (``ru_maxrss``) over the RSS just before the search starts. Ratios are to ``nni_darts`` of the same
+space and round; the table gives their median and their min-max over the rounds.
 
 Fidelity. On a supernet small enough for a dense Hessian (3 channels, 1 cell, 360 train and val images; 300-odd weights), after
 ``FIDELITY['weight_steps']`` full-batch SGD steps and then L-BFGS to a stationary point, at fixed random alphas, with L_train = cross-entropy + the L2
@@ -41,12 +45,22 @@ if __package__ in (None, ''):
 
 from benchmarks._common import DATA_DIR, SPLIT_SEED, command_line, git_commit, machine, quiet, write_json
 from benchmarks.groundtruth import make_space
-from benchmarks.search_quality import QUICK, SHARED, make_strategy
+from benchmarks.search_quality import SETTINGS, SHARED, effective_config, make_strategy, unavailable_reason
 
 DEFAULT_OUT = DATA_DIR / 'cost.json'
 REFERENCE = 'nni_darts'
-#: Modes timed. ``idarts_K2`` (T = inner_steps = 5, K = 2) is the paper's default.
-COST_MODES = ('nni_darts', 'nni_gumbel_darts', 'first_order', 'unrolled', 'idarts_K1', 'idarts_K2', 'idarts_K5')
+#: Modes timed. ``idarts_K2`` (T = inner_steps = 5, K = 2) is the paper's default. Modes the installed strategy
+#: refuses (``search_quality.unavailable_reason``) are left out and listed.
+COST_MODES = ('nni_darts', 'nni_gumbel_darts', 'first_order', 'unrolled', 'idarts_K1', 'idarts_K2', 'idarts_K5',
+              'idarts_K2_auto', 'idarts_K2_damp')
+#: ``--quick`` times these only (the reference, the cheapest and the most expensive architecture step).
+QUICK_MODES = ('nni_darts', 'first_order', 'idarts_K5')
+#: The two spaces timed. ``samples``: random images per split (nasbench201 only).
+COST_SPACES: dict[str, dict[str, Any]] = {
+    'digits_deep': {**SETTINGS['digits_deep']['paper'], 'epochs': 3},
+    'nasbench201': {**SETTINGS['digits_deep']['paper'], 'space': 'nasbench201', 'channels': 8, 'num_cells': 1,
+                    'batch_size': 32, 'samples': 256, 'image_size': 32, 'epochs': 3},
+}
 
 #: The fidelity problem. ``samples``: how many train/val images make the full batches (None: all 719).
 #: ``weight_decay``: the L2 term of L_train (default: the search's).
@@ -65,6 +79,7 @@ class _StepTimer:
 
     def __init__(self):
         import pytorch_lightning as pl
+        from nni_idarts.module import IDartsLightningModule
 
         timer = self
 
@@ -79,6 +94,20 @@ class _StepTimer:
                     return original(*args, **kwargs)
 
                 pl_module.resample = resample
+                if isinstance(pl_module, IDartsLightningModule):
+                    # IDartsStrategy's loop is weight step, then (every T-th batch) architecture_step(), which calls
+                    # resample() itself: time that method directly, and the weight step up to it.
+                    step = pl_module.architecture_step
+
+                    def architecture_step(*args, **kwargs):
+                        timer.arch_start = (time.process_time(), time.perf_counter())
+                        try:
+                            return step(*args, **kwargs)
+                        finally:
+                            timer.arch_end = (time.process_time(), time.perf_counter())
+
+                    pl_module.architecture_step = architecture_step
+                    timer.idarts = True
 
             def on_train_epoch_start(self, trainer, pl_module):
                 timer.epoch_start = (time.process_time(), time.perf_counter())
@@ -88,23 +117,30 @@ class _StepTimer:
                 timer.epochs.append((cpu - timer.epoch_start[0], wall - timer.epoch_start[1]))
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                timer.marks = []
+                timer.marks, timer.arch_start, timer.arch_end = [], None, None
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 end = (time.process_time(), time.perf_counter())
 
-                def span(start, stop):
-                    return tuple(b - a for a, b in zip(start, stop))
+                def span(a, b):
+                    return tuple(y - x for x, y in zip(a, b))
 
-                if len(timer.marks) == 2:   # resample() before each of the two steps
-                    first, second = span(timer.marks[0], timer.marks[1]), span(timer.marks[1], end)
-                    arch, weight = (second, first) if timer.weight_step_first else (first, second)
-                    timer.arch_steps.append(arch)
-                    timer.weight_steps.append(weight)
-                elif timer.marks:            # a batch with a weight step only
+                if timer.idarts:
+                    if timer.marks:
+                        timer.weight_steps.append(span(timer.marks[0], timer.arch_start or end))
+                    if timer.arch_start is not None:
+                        timer.arch_steps.append(span(timer.arch_start, timer.arch_end))
+                    return
+                # NNI's DARTS: resample() before the architecture step, then before the weight step.
+                if len(timer.marks) == 2:
+                    timer.arch_steps.append(span(timer.marks[0], timer.marks[1]))
+                if timer.marks:
                     timer.weight_steps.append(span(timer.marks[-1], end))
 
         self.callback = Callback()
+        self.idarts = False
+        self.arch_start: tuple[float, float] | None = None
+        self.arch_end: tuple[float, float] | None = None
         self.marks: list[tuple[float, float]] = []
         self.weight_step_first = False
         self.epoch_start = (0.0, 0.0)
@@ -118,19 +154,34 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
+def _space_and_data(config: dict[str, Any]):
+    """The supernet and (train, val) data of a cost space: digits, or random images for NAS-Bench-201."""
+    import torch
+    from torch.utils.data import TensorDataset
+    from nni_idarts.data import digits_splits
+    if config['space'] == 'nasbench201':
+        from search_spaces import NasBench201Space
+        generator = torch.Generator().manual_seed(0)
+        n, size = config['samples'], config['image_size']
+        data = [TensorDataset(torch.randn(n, 3, size, size, generator=generator),
+                              torch.randint(0, 10, (n,), generator=generator)) for _ in range(2)]
+        return NasBench201Space(channels=config['channels'], cells_per_stage=config['num_cells']), data[0], data[1]
+    splits = digits_splits(SPLIT_SEED)
+    return make_space(config['channels'], config['num_cells'], config['space']), splits.train, splits.val
+
+
 def measure_mode(mode: str, config: dict[str, Any]) -> dict[str, Any]:
     """Search with ``mode`` for ``config['epochs']`` epochs in this process and measure it (the child's job)."""
     import nni_idarts.search as search_module
-    from nni_idarts.data import digits_splits
     quiet()
-    splits = digits_splits(SPLIT_SEED)
+    space, train, val = _space_and_data(config)
     strategy = make_strategy(mode, config)
     timer = _StepTimer()
-    space = make_space(config['channels'], config['num_cells'])
+    extra = {} if config.get('learning_rate_min') is None else {'learning_rate_min': config['learning_rate_min']}
     rss_before = _rss_bytes()
-    search_module.search(space, splits.train, splits.val, strategy, epochs=config['epochs'],
+    search_module.search(space, train, val, strategy, epochs=config['epochs'],
                          batch_size=config['batch_size'], learning_rate=config['learning_rate'],
-                         weight_decay=config['weight_decay'], seed=0,
+                         weight_decay=config['weight_decay'], seed=0, **extra,
                          trainer_kwargs={'enable_progress_bar': False, 'enable_model_summary': False,
                                          'callbacks': [timer.callback]})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -145,41 +196,56 @@ def measure_mode(mode: str, config: dict[str, Any]) -> dict[str, Any]:
             'peak_rss_growth_mb': (peak - rss_before) / 2**20, 'rss_before_mb': rss_before / 2**20}
 
 
-def _child(mode: str, quick: bool) -> dict[str, Any]:
+def _child(mode: str, space: str, quick: bool) -> dict[str, Any]:
     """Run :func:`measure_mode` in a fresh interpreter (clean peak memory) and return its result."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1',
            'PYTHONPATH': os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                        os.environ.get('PYTHONPATH')]))}
-    cmd = [sys.executable, '-m', 'benchmarks.cost', '--child', mode] + (['--quick'] if quick else [])
+    cmd = [sys.executable, '-m', 'benchmarks.cost', '--child', mode, '--child-space', space] + \
+        (['--quick'] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f'cost child for {mode} failed:\n{proc.stderr[-3000:]}')
+        raise RuntimeError(f'cost child for {mode} on {space} failed:\n{proc.stderr[-3000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cost_config(quick: bool) -> dict[str, Any]:
-    return {**(QUICK if quick else SHARED), 'epochs': 2 if quick else 3}
+def cost_config(space: str, quick: bool) -> dict[str, Any]:
+    config = effective_config(COST_SPACES[space])
+    if quick:   # a smoke run: tiny widths, 2 epochs (the first is dropped), few samples
+        config.update(epochs=2, channels=4, samples=160, image_size=16)   # NB201: 5 batches, an arch step each epoch
+    return config
 
 
-def measure_costs(rounds: int, quick: bool, modes: Sequence[str] = COST_MODES) -> dict[str, Any]:
-    samples: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    loads = []
+_KEYS = ('epoch_cpu_s', 'epoch_wall_s', 'arch_step_cpu_ms', 'arch_step_wall_ms', 'weight_step_cpu_ms',
+         'peak_rss_growth_mb')
+_RATIO_KEYS = ('epoch_cpu_s', 'epoch_wall_s', 'arch_step_cpu_ms', 'peak_rss_growth_mb')
+
+
+def measure_costs(rounds: int, quick: bool, spaces: Sequence[str] = tuple(COST_SPACES),
+                  modes: Sequence[str] = COST_MODES) -> dict[str, Any]:
+    """All (space, mode) pairs, ``rounds`` times, interleaved in a rotated order; medians and per-round ratios."""
+    pairs = [(space, mode) for mode in modes for space in spaces]   # A/B: the spaces alternate
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {sp: {m: [] for m in modes} for sp in spaces}
     for r in range(rounds):
-        order = list(modes[r % len(modes):]) + list(modes[:r % len(modes)])   # rotate: no mode always goes first
-        for mode in order:
-            loads.append(os.getloadavg()[0])
-            samples[mode].append(_child(mode, quick))
-            s = samples[mode][-1]
-            print(f'  round {r + 1}/{rounds} {mode}: epoch {s["epoch_cpu_s"]:.2f} CPU s, arch step '
-                  f'{s["arch_step_cpu_ms"]:.1f} CPU ms, peak +{s["peak_rss_growth_mb"]:.1f} MB', flush=True)
-    keys = ('epoch_cpu_s', 'epoch_wall_s', 'arch_step_cpu_ms', 'arch_step_wall_ms', 'weight_step_cpu_ms',
-            'peak_rss_growth_mb')
-    table = {m: {k: statistics.median(s[k] for s in samples[m]) for k in keys} for m in modes}
-    ref = table[REFERENCE]
-    for row in table.values():
-        for k in ('epoch_cpu_s', 'epoch_wall_s', 'arch_step_cpu_ms', 'peak_rss_growth_mb'):
-            row[f'{k}_ratio'] = row[k] / ref[k]
-    return {'config': cost_config(quick), 'rounds': rounds, 'table': table, 'samples': samples,
+        shift = (r * len(pairs)) // rounds   # rotate: no pair always goes first or last
+        for space, mode in pairs[shift:] + pairs[:shift]:
+            load = os.getloadavg()[0]
+            sample = {**_child(mode, space, quick), 'round': r, 'load_1min_before': load}
+            samples[space][mode].append(sample)
+            print(f'  round {r + 1}/{rounds} {space} {mode}: epoch {sample["epoch_cpu_s"]:.2f} CPU s '
+                  f'({sample["epoch_wall_s"]:.2f} wall), arch step {sample["arch_step_cpu_ms"]:.1f} CPU ms, peak '
+                  f'+{sample["peak_rss_growth_mb"]:.1f} MB, load {load:.1f}', flush=True)
+    tables = {}
+    for space in spaces:
+        table = {m: {k: statistics.median(s[k] for s in samples[space][m]) for k in _KEYS} for m in modes}
+        for mode, row in table.items():
+            for k in _RATIO_KEYS:   # the ratio within each round, then its median and range over the rounds
+                ratios = [s[k] / ref[k] for s, ref in zip(samples[space][mode], samples[space][REFERENCE])]
+                row[f'{k}_ratio'] = statistics.median(ratios)
+                row[f'{k}_ratio_range'] = (min(ratios), max(ratios))
+        tables[space] = {'config': cost_config(space, quick), 'table': table, 'samples': samples[space]}
+    loads = [s['load_1min_before'] for sp in samples.values() for m in sp.values() for s in m]
+    return {'rounds': rounds, 'modes': list(modes), 'spaces': tables,
             'load_average_1min_during': [min(loads), max(loads)]}
 
 
@@ -326,13 +392,20 @@ def plot_fidelity(fidelity: dict[str, Any], path: Path) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = []
-    if 'cost' in result:
-        lines += ['| mode | epoch (CPU s) | x NNI DARTS | arch step (CPU ms) | x NNI DARTS | weight step (CPU ms) '
-                  '| peak RSS growth (MB) | x NNI DARTS |', '|---|---|---|---|---|---|---|---|']
-        for mode, r in result['cost']['table'].items():
-            lines.append(f'| {mode} | {r["epoch_cpu_s"]:.2f} | {r["epoch_cpu_s_ratio"]:.2f} | {r["arch_step_cpu_ms"]:.1f} '
-                         f'| {r["arch_step_cpu_ms_ratio"]:.2f} | {r["weight_step_cpu_ms"]:.1f} '
-                         f'| {r["peak_rss_growth_mb"]:.1f} | {r["peak_rss_growth_mb_ratio"]:.2f} |')
+    for space, part in result.get('cost', {}).get('spaces', {}).items():
+        lines += [f'{space}:', '', '| mode | epoch CPU s (wall) | x NNI DARTS [min-max] | arch step CPU ms (wall) '
+                  '| x NNI DARTS [min-max] | weight step CPU ms | peak RSS growth MB | x NNI DARTS [min-max] |',
+                  '|---|---|---|---|---|---|---|---|']
+
+        def ratio(r: dict[str, Any], k: str) -> str:
+            lo, hi = r[f'{k}_ratio_range']
+            return f'{r[f"{k}_ratio"]:.2f} [{lo:.2f}-{hi:.2f}]'
+
+        for mode, r in part['table'].items():
+            lines.append(f'| {mode} | {r["epoch_cpu_s"]:.2f} ({r["epoch_wall_s"]:.2f}) | {ratio(r, "epoch_cpu_s")} '
+                         f'| {r["arch_step_cpu_ms"]:.1f} ({r["arch_step_wall_ms"]:.1f}) | {ratio(r, "arch_step_cpu_ms")} '
+                         f'| {r["weight_step_cpu_ms"]:.1f} | {r["peak_rss_growth_mb"]:.1f} '
+                         f'| {ratio(r, "peak_rss_growth_mb")} |')
         lines.append('')
     if 'fidelity' in result:
         f = result['fidelity']
@@ -358,36 +431,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds of all modes (default 3)')
     parser.add_argument('--out', type=Path, default=None, help=f'results file (default: {DEFAULT_OUT}, plot beside it)')
     parser.add_argument('--skip-cost', action='store_true', help='fidelity only')
+    parser.add_argument('--skip-fidelity', action='store_true', help='cost only')
     parser.add_argument('--fidelity-weight-decay', type=float, default=None,
                         help=f'L2 weight decay in L_train of the fidelity problem (default {SHARED["weight_decay"]})')
     parser.add_argument('--child', choices=COST_MODES, help=argparse.SUPPRESS)
+    parser.add_argument('--child-space', choices=tuple(COST_SPACES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure_mode(args.child, cost_config(args.quick))))
+        print(json.dumps(measure_mode(args.child, cost_config(args.child_space, args.quick))))
         return 0
+    if args.skip_cost and args.skip_fidelity:
+        parser.error('--skip-cost and --skip-fidelity together leave nothing to measure')
     if args.quick and args.out is None:
         parser.error('--quick needs --out, so that it never overwrites the committed results')
     if args.rounds < 1:
         parser.error('--rounds must be >= 1')
+    if args.fidelity_weight_decay is not None and not args.fidelity_weight_decay >= 0:
+        parser.error('--fidelity-weight-decay must be >= 0')
     quiet()
     out = args.out or DEFAULT_OUT
     start = time.perf_counter()
     result: dict[str, Any] = {'command': command_line(), 'commit': git_commit(), 'machine_at_start': machine()}
     if not args.skip_cost:
-        result['cost'] = measure_costs(1 if args.quick else args.rounds, args.quick)
-    fidelity_config = dict(FIDELITY_QUICK if args.quick else FIDELITY)
-    if args.fidelity_weight_decay is not None:
-        if not args.fidelity_weight_decay >= 0:
-            parser.error('--fidelity-weight-decay must be >= 0')
-        fidelity_config['weight_decay'] = args.fidelity_weight_decay
-    result['fidelity'] = measure_fidelity(fidelity_config)
-    plot_fidelity(result['fidelity'], out.with_suffix('.png'))
+        config = cost_config(next(iter(COST_SPACES)), args.quick)
+        unavailable = {m: reason for m in COST_MODES if (reason := unavailable_reason(m, config)) is not None}
+        for mode, reason in unavailable.items():
+            print(f'warning: {mode} is not timed: the installed strategy refuses it ({reason})', file=sys.stderr)
+        result['cost'] = measure_costs(1 if args.quick else args.rounds, args.quick,
+                                       modes=[m for m in (QUICK_MODES if args.quick else COST_MODES)
+                                              if m not in unavailable])
+        result['cost']['unavailable'] = unavailable
+    if not args.skip_fidelity:
+        result['fidelity'] = run_fidelity(args)
+        plot_fidelity(result['fidelity'], out.with_suffix('.png'))
     result['machine_at_end'] = machine()
     result['wall_seconds'] = time.perf_counter() - start
     write_json(out, result)
     print(markdown(result))
-    print(f'wrote {out} and {out.with_suffix(".png")}')
+    print(f'wrote {out}' + ('' if args.skip_fidelity else f' and {out.with_suffix(".png")}'))
     return 0
+
+
+def run_fidelity(args: argparse.Namespace) -> dict[str, Any]:
+    fidelity_config = dict(FIDELITY_QUICK if args.quick else FIDELITY)
+    if args.fidelity_weight_decay is not None:
+        fidelity_config['weight_decay'] = args.fidelity_weight_decay
+    return measure_fidelity(fidelity_config)
 
 
 if __name__ == '__main__':

@@ -12,12 +12,14 @@ from typing import Any
 from nni.nas.nn.pytorch import ModelSpace
 
 from .digits import DIGITS_OPS, DigitsCellSpace, DigitsMLPSpace
+from .digits_deep import PARAMETER_FREE_OPS, DigitsDeepCellSpace
 from .hub import DartsSpace, NasBench201Space
 from .nasbench1shot1 import NASBENCH1SHOT1_OPS, NasBench1Shot1Space
 
 #: name in a config -> model space class. ``nasbench1shot1_<n>`` fixes ``search_space=n``.
 SPACES: dict[str, type[ModelSpace]] = {
     'digits': DigitsCellSpace,
+    'digits_deep': DigitsDeepCellSpace,
     'nasbench201': NasBench201Space,
     'darts': DartsSpace,
     'nasbench1shot1_1': NasBench1Shot1Space,
@@ -49,5 +51,6 @@ def build_space(name: str, *, in_channels: int, num_classes: int, **knobs: Any) 
     return SPACES[name](**_FIXED.get(name, {}), **knobs, in_channels=in_channels, num_classes=num_classes)
 
 
-__all__ = ['SPACES', 'build_space', 'space_knobs', 'DigitsCellSpace', 'DigitsMLPSpace', 'DIGITS_OPS', 'NasBench201Space', 'DartsSpace',
+__all__ = ['SPACES', 'build_space', 'space_knobs', 'DigitsCellSpace', 'DigitsMLPSpace', 'DIGITS_OPS', 'DigitsDeepCellSpace',
+           'PARAMETER_FREE_OPS', 'NasBench201Space', 'DartsSpace',
            'NasBench1Shot1Space', 'NASBENCH1SHOT1_OPS']

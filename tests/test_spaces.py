@@ -22,6 +22,7 @@ from search_spaces.nasbench1shot1 import NASBENCH1SHOT1_OPS, NUM_PARENTS
 #: The smallest sizes that keep each space's structure (DARTS needs 3 cells for its two reduction cells).
 TINY = {
     'digits': {'channels': 4, 'num_cells': 1},
+    'digits_deep': {'channels': 4, 'num_cells': 1},
     'nasbench201': {'channels': 4, 'cells_per_stage': 1},
     'darts': {'width': 2, 'num_cells': 3},
     'nasbench1shot1_1': {'channels': 4, 'num_stacks': 2, 'cells_per_stack': 1},
