@@ -8,7 +8,7 @@ import torch.nn as nn
 from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.strategy import DARTS
 
-from .errors import brief
+from .errors import brief, require_int
 from .module import HYPERGRADIENTS, IDartsLightningModule, ValidationStream
 
 
@@ -78,13 +78,13 @@ class IDartsStrategy(DARTS):
             raise ValueError('IDartsStrategy does not support the `penalty` option of NNI DARTS.')
         if hypergradient not in HYPERGRADIENTS:
             raise ValueError(f'hypergradient must be one of {", ".join(map(repr, HYPERGRADIENTS))}; got {hypergradient!r}.')
-        _require_int('K', K, minimum=0)
+        require_int('K', K, minimum=0)
         if inner_steps is None:
             inner_steps = 1 if hypergradient == 'unrolled' else 5
-        _require_int('inner_steps', inner_steps, minimum=1)
-        _require_int('warmup_epochs', warmup_epochs, minimum=0)
-        _require_int('max_nonfinite_steps', max_nonfinite_steps, minimum=1)
-        _require_int('log_prob_every_n_step', log_prob_every_n_step, minimum=1)
+        require_int('inner_steps', inner_steps, minimum=1)
+        require_int('warmup_epochs', warmup_epochs, minimum=0)
+        require_int('max_nonfinite_steps', max_nonfinite_steps, minimum=1)
+        require_int('log_prob_every_n_step', log_prob_every_n_step, minimum=1)
         is_number = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
         if not (gamma is None or gamma == 'auto' or (is_number and 0 < gamma < float('inf'))):
             raise ValueError("gamma must be a number > 0, None (the weight learning rate) or 'auto' "
@@ -144,8 +144,3 @@ class IDartsStrategy(DARTS):
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(hypergradient={self.hypergradient!r}, K={self.K}, gamma={self.gamma!r}, '
                 f'damping={self.damping}, inner_steps={self.inner_steps}, arc_learning_rate={self.arc_learning_rate})')
-
-
-def _require_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}; got {value!r}.')
